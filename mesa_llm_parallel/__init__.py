@@ -1,0 +1,52 @@
+"""Run Mesa agents concurrently when their steps wait on language models.
+
+Importing this package changes nothing in Mesa. Call
+:func:`enable_automatic_parallel_stepping` and set ``model.parallel_stepping = True``
+to make ``model.agents.shuffle_do("step")`` run the agents concurrently.
+
+Core objects: :data:`settings` (the live settings), the functions of
+:mod:`mesa_llm_parallel.parallel_stepping`, and :func:`ashuffle_do` for async code.
+"""
+
+from __future__ import annotations
+
+from mesa_llm_parallel._loops import last_loop_path
+from mesa_llm_parallel._settings import (
+    DEFAULT_MAX_WORKERS,
+    MODES,
+    Settings,
+    SettingsSnapshot,
+    UnknownSettingError,
+    settings,
+)
+from mesa_llm_parallel.parallel_stepping import (
+    ashuffle_do,
+    disable_automatic_parallel_stepping,
+    enable_automatic_parallel_stepping,
+    is_automatic_parallel_stepping_enabled,
+    shutdown,
+    step_agents_multithreaded,
+    step_agents_parallel,
+    step_agents_parallel_sync,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_MAX_WORKERS",
+    "MODES",
+    "Settings",
+    "SettingsSnapshot",
+    "UnknownSettingError",
+    "__version__",
+    "ashuffle_do",
+    "disable_automatic_parallel_stepping",
+    "enable_automatic_parallel_stepping",
+    "is_automatic_parallel_stepping_enabled",
+    "last_loop_path",
+    "settings",
+    "shutdown",
+    "step_agents_multithreaded",
+    "step_agents_parallel",
+    "step_agents_parallel_sync",
+]

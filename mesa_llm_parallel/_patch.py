@@ -1,0 +1,103 @@
+"""Install and remove the parallel ``shuffle_do`` on Mesa's agent-set classes.
+
+The patched method asks two cheap questions before doing anything else: is the method
+one of the parallel methods, and does the agents' model have ``parallel_stepping``
+set to a true value? If either answer is no, Mesa's original method runs, untouched.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from mesa_llm_parallel._agentsets import first_agent, patchable_classes, shuffled_members
+from mesa_llm_parallel._engine import run_step_sync
+from mesa_llm_parallel._settings import SettingsSnapshot
+
+__all__ = ["install", "installed_classes", "is_installed", "uninstall", "wants_parallel"]
+
+_lock = threading.RLock()
+#: class -> the exact function object it had before we patched it
+_originals: dict[type, Callable[..., Any]] = {}
+
+_MARK = "__mesa_llm_parallel_original__"
+
+
+def wants_parallel(cfg: SettingsSnapshot, method: object) -> bool:
+    """Whether ``method`` (a name or a callable) is one of the parallel methods."""
+    methods = cfg.parallel_methods
+    if isinstance(method, str):
+        return method in methods
+    try:
+        if method in methods:
+            return True
+    except TypeError:  # an unhashable callable
+        pass
+    return getattr(method, "__name__", None) in methods
+
+
+def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def shuffle_do(self: Any, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        cfg = settings.snapshot()
+        if not wants_parallel(cfg, method):
+            return original(self, method, *args, **kwargs)
+        agent = first_agent(self)
+        if agent is None or not getattr(getattr(agent, "model", None), "parallel_stepping", False):
+            del agent
+            return original(self, method, *args, **kwargs)
+        del agent
+        entries, resolve = shuffled_members(self)
+        run_step_sync(entries, resolve, method, args, kwargs, cfg)
+        return self
+
+    setattr(shuffle_do, _MARK, original)
+    return shuffle_do
+
+
+def install(settings: Any) -> list[type]:
+    """Patch every concrete Mesa agent-set class; return them. Idempotent.
+
+    Raises:
+        RuntimeError: When the installed Mesa offers no class that can be patched.
+    """
+    with _lock:
+        classes = patchable_classes()
+        if not classes and not _originals:
+            import mesa
+
+            raise RuntimeError(
+                f"mesa_llm_parallel found no agent-set class with its own shuffle_do in "
+                f"Mesa {getattr(mesa, '__version__', '?')}; parallel stepping cannot be "
+                "installed (supported: Mesa >= 3.0, < 4)"
+            )
+        for cls in classes:
+            current = cls.__dict__["shuffle_do"]
+            if getattr(current, _MARK, None) is not None:
+                continue  # already ours
+            # Keep the first function we ever replaced: if another library patched the
+            # method after us, ours takes precedence again and wraps Mesa's original.
+            original = _originals.setdefault(cls, current)
+            cls.shuffle_do = _make_parallel(original, settings)
+        return list(_originals)
+
+
+def uninstall() -> None:
+    """Put back the exact original functions. Idempotent."""
+    with _lock:
+        for cls, original in _originals.items():
+            cls.shuffle_do = original
+        _originals.clear()
+
+
+def is_installed() -> bool:
+    """Whether the patch is currently installed."""
+    return bool(_originals)
+
+
+def installed_classes() -> tuple[type, ...]:
+    """The classes that currently carry the patch."""
+    with _lock:
+        return tuple(_originals)

@@ -1,0 +1,161 @@
+"""The drop-in face of the library: automatic and manual parallel stepping.
+
+Code written for ``mesa_llm.parallel_stepping`` works with only its import changed::
+
+    from mesa_llm_parallel.parallel_stepping import enable_automatic_parallel_stepping
+
+    class MyModel(mesa.Model):
+        def __init__(self):
+            super().__init__()
+            self.parallel_stepping = True
+            enable_automatic_parallel_stepping(mode="asyncio")
+
+        def step(self):
+            self.agents.shuffle_do("step")   # now runs the agents concurrently
+
+Nothing in Mesa changes until :func:`enable_automatic_parallel_stepping` is called,
+and models without a true ``parallel_stepping`` attribute keep stepping sequentially.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from mesa_llm_parallel import _loops, _patch
+from mesa_llm_parallel._agentsets import shuffled_members
+from mesa_llm_parallel._engine import pool, run_step_async, run_step_sync
+from mesa_llm_parallel._settings import Mode, settings
+
+__all__ = [
+    "ashuffle_do",
+    "disable_automatic_parallel_stepping",
+    "enable_automatic_parallel_stepping",
+    "is_automatic_parallel_stepping_enabled",
+    "shutdown",
+    "step_agents_multithreaded",
+    "step_agents_parallel",
+    "step_agents_parallel_sync",
+]
+
+S = TypeVar("S")
+
+
+def enable_automatic_parallel_stepping(
+    mode: Mode = "asyncio",
+    *,
+    max_workers: int | None = None,
+    max_concurrency: int | None = None,
+    **more_options: Any,
+) -> None:
+    """Make ``shuffle_do`` step agents in parallel for models that ask for it.
+
+    Installs the patch on every Mesa agent-set class (idempotent, thread-safe) and
+    applies the given settings. A model steps in parallel when it has
+    ``parallel_stepping = True`` and the method is one of ``settings.parallel_methods``.
+
+    Args:
+        mode: ``"asyncio"`` or ``"threading"``; always applied.
+        max_workers: Thread-pool size; None leaves the current value unchanged.
+        max_concurrency: Most agents in flight at once; None leaves the current value
+            unchanged (set ``settings.max_concurrency = None`` to remove a cap).
+        **more_options: Any other setting by name (see :class:`~mesa_llm_parallel.Settings`).
+
+    Raises:
+        ValueError: An unknown mode or an out-of-range value.
+        TypeError: A value of the wrong type, or an unknown option name.
+        RuntimeError: The installed Mesa has no agent-set class that can be patched.
+
+    On any error nothing changes: the settings and the patch stay as they were.
+    """
+    values: dict[str, Any] = {"mode": mode, **more_options}
+    if max_workers is not None:
+        values["max_workers"] = max_workers
+    if max_concurrency is not None:
+        values["max_concurrency"] = max_concurrency
+    clean = settings.validate(**values)
+    with _patch._lock:
+        _patch.install(settings)
+        settings.update(**clean)
+
+
+def disable_automatic_parallel_stepping() -> None:
+    """Restore Mesa's original ``shuffle_do`` functions (idempotent, thread-safe).
+
+    The settings are kept, so a later :func:`enable_automatic_parallel_stepping` with no
+    options resumes where this left off.
+    """
+    _patch.uninstall()
+
+
+def is_automatic_parallel_stepping_enabled() -> bool:
+    """Whether the ``shuffle_do`` patch is currently installed."""
+    return _patch.is_installed()
+
+
+async def step_agents_parallel(
+    agents: Iterable[Any], method: str | Callable[..., Any] = "step", *args: Any, **kwargs: Any
+) -> None:
+    """Await ``method`` of every agent concurrently on the running event loop.
+
+    Agents start in the order given (no shuffle). An agent with ``async def a<method>``
+    is awaited; others run their sync method in the thread pool. Nests nothing: use it
+    from code that is already async (a notebook cell with top-level ``await``).
+
+    Raises:
+        Exception: The first failure in start order, after every started agent finished.
+    """
+    outcome = await run_step_async(list(agents), None, method, args, kwargs, settings.snapshot())
+    outcome.raise_first_failure()
+
+
+def step_agents_parallel_sync(
+    agents: Iterable[Any], method: str | Callable[..., Any] = "step", *args: Any, **kwargs: Any
+) -> None:
+    """Run :func:`step_agents_parallel` from synchronous code (asyncio mode).
+
+    Works with or without a running event loop in the calling thread; see
+    :doc:`/how-it-works` for which loop is used.
+    """
+    run_step_sync(list(agents), None, method, args, kwargs, settings.snapshot(), mode="asyncio")
+
+
+def step_agents_multithreaded(
+    agents: Iterable[Any], method: str | Callable[..., Any] = "step", *args: Any, **kwargs: Any
+) -> None:
+    """Run ``method`` of every agent in the library's thread pool (threading mode).
+
+    Agents with only ``async def a<method>`` run it on their worker thread's own
+    persistent event loop.
+    """
+    run_step_sync(list(agents), None, method, args, kwargs, settings.snapshot(), mode="threading")
+
+
+async def ashuffle_do(
+    agentset: S, method: str | Callable[..., Any] = "step", *args: Any, **kwargs: Any
+) -> S:
+    """Async counterpart of ``agentset.shuffle_do(method, ...)``, run on the current loop.
+
+    Shuffles with the set's own random generator exactly as Mesa does, starts the agents
+    in that order, and returns the set. It always runs in parallel, whatever the model's
+    ``parallel_stepping`` flag and the mode, and never nests event loops.
+    """
+    if not hasattr(agentset, "_agents") or not hasattr(agentset, "random"):
+        raise TypeError(
+            f"ashuffle_do needs a Mesa agent set (model.agents, agents_by_type[...], "
+            f"AgentSet), got {type(agentset).__name__}; use step_agents_parallel for a list"
+        )
+    entries, resolve = shuffled_members(agentset)
+    outcome = await run_step_async(entries, resolve, method, args, kwargs, settings.snapshot())
+    outcome.raise_first_failure()
+    return agentset
+
+
+def shutdown(*, wait: bool = True) -> None:
+    """Release the thread pool and the library's event loops (for a clean exit).
+
+    The patch and the settings stay; the next parallel step creates fresh ones. Call it
+    when no step is running.
+    """
+    pool.shutdown(wait=wait)
+    _loops.close_loops()
