@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import functools
 import inspect
 import itertools
 import threading
@@ -178,7 +179,9 @@ async def run_step_async(
                     if executor is None:
                         lease = pool.lease(cfg.max_workers)
                         executor = lease.__enter__()
-                    await loop.run_in_executor(executor, _bind(call, agent, name))
+                    await loop.run_in_executor(
+                        executor, _OneShot(functools.partial(call, agent, name))
+                    )
                 else:
                     call(agent, name)
                 outcome.completed += 1
@@ -203,13 +206,24 @@ async def run_step_async(
     return outcome
 
 
-def _bind(
-    call: Callable[[Any, str | None], Any], agent: Any, name: str | None
-) -> Callable[[], Any]:
-    def job() -> Any:
-        return call(agent, name)
+class _OneShot:
+    """A pool job that lets go of what it runs before the pool learns it is done.
 
-    return job
+    A ``ThreadPoolExecutor`` worker still holds its work item for a moment after the
+    caller has been told the result; a job holding an agent would keep the model alive
+    past ``del model`` until then. This one drops its references first, and returns
+    nothing, so the work item never refers to an agent or a model.
+    """
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Callable[[], Any]) -> None:
+        self._fn: Callable[[], Any] | None = fn
+
+    def __call__(self) -> None:
+        fn, self._fn = self._fn, None
+        if fn is not None:
+            fn()
 
 
 # -- threading mode -----------------------------------------------------------------
@@ -276,7 +290,7 @@ def run_step_threaded(
 
     k = _runner_count(n, cfg.max_concurrency, cfg.max_workers)
     with pool.lease(cfg.max_workers) as executor:
-        futures = [executor.submit(runner) for _ in range(k)]
+        futures = [executor.submit(_OneShot(runner)) for _ in range(k)]
         try:
             done, _ = concurrent.futures.wait(futures)
         except BaseException:

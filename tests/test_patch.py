@@ -1,0 +1,171 @@
+"""The patch: where it installs, when it is parallel, and what it leaves untouched."""
+
+from __future__ import annotations
+
+import threading
+
+import mesa
+import pytest
+from mesa.agentset import AgentSet, _HardKeyAgentSet
+from models import AsyncAgent, SyncAgent, ToyModel
+
+import mesa_llm_parallel as mlp
+from mesa_llm_parallel import _patch, parallel_stepping
+
+ORIGINALS = {cls: cls.__dict__["shuffle_do"] for cls in (AgentSet, _HardKeyAgentSet)}
+
+
+def test_import_changes_nothing_in_mesa():
+    # The autouse fixture already uninstalled; a fresh import must not patch either.
+    import importlib
+
+    importlib.reload(parallel_stepping)
+    for cls, original in ORIGINALS.items():
+        assert cls.__dict__["shuffle_do"] is original
+
+
+def test_enable_patches_both_agent_set_classes_and_disable_restores_identity():
+    mlp.enable_automatic_parallel_stepping()
+    assert set(_patch.installed_classes()) == {AgentSet, _HardKeyAgentSet}
+    for cls, original in ORIGINALS.items():
+        assert cls.__dict__["shuffle_do"] is not original
+        assert cls.shuffle_do.__wrapped__ is original
+    mlp.disable_automatic_parallel_stepping()
+    for cls, original in ORIGINALS.items():
+        assert cls.__dict__["shuffle_do"] is original
+    assert not mlp.is_automatic_parallel_stepping_enabled()
+
+
+def test_enable_twice_is_idempotent_and_one_disable_restores():
+    mlp.enable_automatic_parallel_stepping()
+    first = _HardKeyAgentSet.__dict__["shuffle_do"]
+    mlp.enable_automatic_parallel_stepping(mode="threading")
+    assert _HardKeyAgentSet.__dict__["shuffle_do"] is first
+    assert mlp.settings.mode == "threading"
+    mlp.disable_automatic_parallel_stepping()
+    mlp.disable_automatic_parallel_stepping()
+    assert _HardKeyAgentSet.__dict__["shuffle_do"] is ORIGINALS[_HardKeyAgentSet]
+
+
+def test_another_library_patching_after_us_does_not_stick_around():
+    mlp.enable_automatic_parallel_stepping()
+
+    def foreign(self, method, *args, **kwargs):  # what another package might install
+        raise AssertionError("foreign patch ran")
+
+    AgentSet.shuffle_do = foreign
+    mlp.enable_automatic_parallel_stepping()  # ours takes precedence again
+    assert AgentSet.shuffle_do.__wrapped__ is ORIGINALS[AgentSet]
+    mlp.disable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]
+
+
+def test_enable_and_disable_from_many_threads_at_once():
+    errors: list[BaseException] = []
+
+    def flip(i: int) -> None:
+        try:
+            for _ in range(50):
+                if i % 2:
+                    mlp.enable_automatic_parallel_stepping()
+                else:
+                    mlp.disable_automatic_parallel_stepping()
+        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=flip, args=(i,)) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    mlp.enable_automatic_parallel_stepping()
+    assert AgentSet.shuffle_do.__wrapped__ is ORIGINALS[AgentSet]
+    mlp.disable_automatic_parallel_stepping()
+    for cls, original in ORIGINALS.items():
+        assert cls.__dict__["shuffle_do"] is original
+
+
+def test_enable_raises_when_mesa_offers_nothing_to_patch(monkeypatch):
+    monkeypatch.setattr(_patch, "patchable_classes", list)
+    with pytest.raises(RuntimeError, match="no agent-set class"):
+        mlp.enable_automatic_parallel_stepping(mode="threading")
+    assert mlp.settings.mode == "asyncio"  # nothing half-applied
+    assert not mlp.is_automatic_parallel_stepping_enabled()
+
+
+def _sequential_run(model_factory, steps=3):
+    model = model_factory()
+    for _ in range(steps):
+        model.step()
+    return model
+
+
+def _state(model):
+    return (
+        [(a.unique_id, a.calls, a.model.tracker.starts) for a in model.agents],
+        model.random.random(),
+        float(model.rng.random()),
+    )
+
+
+@pytest.mark.parametrize("agent_cls", [AsyncAgent, SyncAgent])
+def test_flag_off_runs_mesas_original_with_identical_results(agent_cls):
+    def make():
+        return ToyModel(30, agent_cls, seed=7, parallel=None)
+
+    untouched = _state(_sequential_run(make))
+    mlp.enable_automatic_parallel_stepping()
+    patched = _state(_sequential_run(make))
+    assert patched == untouched
+    # and explicitly False behaves the same
+    model = ToyModel(30, agent_cls, seed=7, parallel=False)
+    for _ in range(3):
+        model.step()
+    assert _state(model) == untouched
+
+
+def test_flag_off_agents_run_in_calling_thread_one_at_a_time():
+    mlp.enable_automatic_parallel_stepping(mode="threading")
+    model = ToyModel(10, SyncAgent, parallel=False, delay=0.001)
+    model.step()
+    assert model.tracker.threads == {threading.get_ident()}
+    assert model.tracker.peak == 1
+
+
+def test_method_not_in_parallel_methods_runs_sequentially():
+    mlp.enable_automatic_parallel_stepping(mode="threading")
+    model = ToyModel(10, SyncAgent, delay=0.001)
+    # "advance" is not a parallel method: Mesa's original calls it in this thread.
+    seen: list[int] = []
+
+    def advance(agent):
+        seen.append(threading.get_ident())
+
+    for agent in model.agents:
+        agent.advance = advance.__get__(agent)
+    assert model.agents.shuffle_do("advance") is model.agents
+    assert set(seen) == {threading.get_ident()} and len(seen) == 10
+
+
+def test_parallel_methods_setting_adds_names():
+    mlp.enable_automatic_parallel_stepping(mode="threading", parallel_methods={"step", "act"})
+    model = ToyModel(8, SyncAgent, delay=0.02)
+    SyncAgent.act = SyncAgent.step
+    try:
+        model.agents.shuffle_do("act")
+    finally:
+        del SyncAgent.act
+    assert model.tracker.peak > 1
+    assert len(model.tracker.starts) == 8
+
+
+def test_callable_named_like_a_parallel_method_runs_in_parallel_and_lambda_does_not():
+    mlp.enable_automatic_parallel_stepping(mode="threading")
+    model = ToyModel(8, SyncAgent, delay=0.02)
+    model.agents.shuffle_do(SyncAgent.step, "x", k=1)
+    assert model.tracker.peak > 1
+    assert all(a.calls == [(("x",), {"k": 1})] for a in model.agents)
+    model.tracker.peak = 0
+    model.agents.shuffle_do(lambda a: a.step())
+    assert model.tracker.peak == 1

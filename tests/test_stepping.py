@@ -1,0 +1,384 @@
+"""Parallel steps on real Mesa models: order, randomness, arguments, skips, caps, loops."""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import threading
+import weakref
+
+import mesa
+import pytest
+from mesa.agentset import AgentSet, _HardKeyAgentSet
+from models import AsyncAgent, BothAgent, SyncAgent, ToyModel
+
+import mesa_llm_parallel as mlp
+
+MODES = ["asyncio", "threading"]
+
+
+def _agent_set(model: mesa.Model, kind: str):
+    """The three kinds of set a model's step may use."""
+    if kind == "model.agents":
+        return model.agents
+    if kind == "agents_by_type":
+        return model.agents_by_type[type(next(iter(model.agents)))]
+    return model.agents.select()  # a weak AgentSet
+
+
+SET_KINDS = ["model.agents", "agents_by_type", "select"]
+
+
+def test_the_sets_are_the_two_classes():
+    model = ToyModel(3)
+    assert type(_agent_set(model, "model.agents")) is _HardKeyAgentSet
+    assert type(_agent_set(model, "agents_by_type")) is _HardKeyAgentSet
+    assert type(_agent_set(model, "select")) is AgentSet
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", SET_KINDS)
+@pytest.mark.parametrize("agent_cls", [AsyncAgent, SyncAgent])
+def test_every_agent_steps_once_concurrently_and_set_is_returned(mode, kind, agent_cls):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=8)
+    model = ToyModel(12, agent_cls, delay=0.02)
+    agents = _agent_set(model, kind)
+    assert agents.shuffle_do("step", 1, two=2) is agents
+    assert sorted(model.tracker.starts) == sorted(a.unique_id for a in model.agents)
+    assert all(a.calls == [((1,), {"two": 2})] for a in model.agents)
+    assert model.tracker.peak > 1  # they overlapped
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", SET_KINDS)
+def test_start_order_and_random_stream_match_a_sequential_run(mode, kind):
+    # One runner at a time makes the start order observable exactly.
+    sequential = ToyModel(25, SyncAgent, seed=3, parallel=False)
+    _agent_set(sequential, kind).shuffle_do("step")
+    expected = (sequential.tracker.starts, sequential.random.random())
+
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_concurrency=1)
+    model = ToyModel(25, SyncAgent, seed=3)
+    _agent_set(model, kind).shuffle_do("step")
+    assert (model.tracker.starts, model.random.random()) == expected
+
+
+def test_start_order_is_the_shuffled_order_without_a_cap():
+    sequential = ToyModel(40, SyncAgent, seed=11, parallel=False)
+    sequential.step()
+    mlp.enable_automatic_parallel_stepping()
+    model = ToyModel(40, AsyncAgent, seed=11)
+    model.step()
+    assert model.tracker.peak == 40
+    assert model.tracker.starts == sequential.tracker.starts
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("cap", [1, 3, 7])
+def test_max_concurrency_caps_agents_in_flight(mode, cap):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=10, max_concurrency=cap)
+    model = ToyModel(30, AsyncAgent if mode == "asyncio" else SyncAgent, delay=0.01)
+    model.step()
+    assert model.tracker.peak == cap
+    assert len(model.tracker.starts) == 30
+
+
+def test_pool_size_caps_threads_in_threading_mode():
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=4)
+    model = ToyModel(20, SyncAgent, delay=0.01)
+    model.step()
+    assert model.tracker.peak == 4
+    assert len(model.tracker.threads) == 4
+    assert threading.get_ident() not in model.tracker.threads
+
+
+def test_asyncio_mode_runs_async_agents_on_one_thread_and_sync_agents_in_the_pool():
+    mlp.enable_automatic_parallel_stepping(mode="asyncio", max_workers=5)
+    async_model = ToyModel(10, AsyncAgent, delay=0.01)
+    async_model.step()
+    assert async_model.tracker.threads == {threading.get_ident()}
+    assert async_model.tracker.peak == 10
+
+    sync_model = ToyModel(10, SyncAgent, delay=0.01)
+    sync_model.step()
+    assert threading.get_ident() not in sync_model.tracker.threads
+    assert sync_model.tracker.peak == 5
+
+
+def test_run_sync_inline_calls_sync_agents_on_the_loop_thread():
+    mlp.enable_automatic_parallel_stepping(run_sync_inline=True)
+    model = ToyModel(6, SyncAgent, delay=0.001)
+    model.step()
+    assert model.tracker.threads == {threading.get_ident()}
+    assert model.tracker.peak == 1
+
+
+@pytest.mark.parametrize(("mode", "expected"), [("asyncio", "astep"), ("threading", "step")])
+def test_agent_with_both_methods_uses_the_one_for_the_mode(mode, expected):
+    mlp.enable_automatic_parallel_stepping(mode=mode)
+    model = ToyModel(4, BothAgent)
+    model.step()
+    assert {a.ran for a in model.agents} == {expected}
+
+
+def test_threading_mode_runs_async_only_agents_on_persistent_worker_loops():
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=3)
+    loops: list[tuple[int, asyncio.AbstractEventLoop]] = []
+
+    class LoopRecorder(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+
+        async def astep(self):
+            loops.append((threading.get_ident(), asyncio.get_running_loop()))
+            await asyncio.sleep(0.005)
+
+    model = ToyModel(9, LoopRecorder)
+    model.step()
+    model.step()
+    assert len(loops) == 18
+    by_thread: dict[int, set] = {}
+    for ident, loop in loops:
+        by_thread.setdefault(ident, set()).add(loop)
+    assert threading.get_ident() not in by_thread
+    assert all(len(found) == 1 for found in by_thread.values())  # one loop per worker, reused
+
+
+def test_agent_with_neither_method_runs_mesas_no_op_step():
+    mlp.enable_automatic_parallel_stepping()
+
+    class Plain(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+
+    model = ToyModel(5, Plain)
+    assert model.agents.shuffle_do("step") is model.agents
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_agent_removed_before_its_turn_is_skipped(mode):
+    # One agent at a time, like Mesa's loop: an agent removed by an earlier one never runs.
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_concurrency=1)
+    stepped: list[int] = []
+
+    class Remover(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+
+        def step(self):
+            stepped.append(self.unique_id)
+            for other in list(self.model.agents):
+                if other is not self and other.unique_id not in stepped:
+                    other.remove()
+                    break
+
+    model = ToyModel(6, Remover)
+    model.step()
+    assert len(stepped) == 3  # every stepped agent removed one that had not run yet
+    assert len(model.agents) == 3
+
+
+def test_dead_weak_references_are_skipped_in_a_weak_agent_set():
+    mlp.enable_automatic_parallel_stepping(max_concurrency=1)
+    model = ToyModel(6, AsyncAgent)
+    weak_set = model.agents.select()
+    victim = next(iter(weak_set))
+    victim.remove()
+    del victim
+    gc.collect()
+    weak_set.shuffle_do("step")
+    assert len(model.tracker.starts) == 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_inside_a_running_event_loop(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=4)
+    model = ToyModel(10, AsyncAgent, delay=0.01)
+
+    async def cell():  # what a notebook cell or a Solara button handler does
+        model.step()
+        model.step()
+        return mlp.last_loop_path()
+
+    path = asyncio.run(cell())
+    assert len(model.tracker.starts) == 20
+    assert model.tracker.peak > 1
+    if mode == "asyncio":
+        assert path == "running_loop"
+
+
+def test_running_loop_is_not_starved_during_a_nested_step():
+    mlp.enable_automatic_parallel_stepping()
+    model = ToyModel(5, AsyncAgent, delay=0.05)
+    ticks = 0
+
+    async def ticker():
+        nonlocal ticks
+        while True:
+            ticks += 1
+            await asyncio.sleep(0.005)
+
+    async def cell():
+        task = asyncio.create_task(ticker())
+        await asyncio.sleep(0)
+        before = ticks
+        model.step()
+        during = ticks - before
+        task.cancel()
+        return during
+
+    assert asyncio.run(cell()) > 1  # the outer loop kept running while agents waited
+
+
+def test_background_loop_setting_runs_steps_on_the_library_loop_thread():
+    mlp.enable_automatic_parallel_stepping(loop="background")
+    model = ToyModel(8, AsyncAgent, delay=0.005)
+
+    async def cell():
+        model.step()
+        return mlp.last_loop_path()
+
+    assert asyncio.run(cell()) == "background"
+    model.step()
+    assert mlp.last_loop_path() == "background"
+    assert threading.get_ident() not in model.tracker.threads
+    assert len(model.tracker.threads) == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_step_from_a_non_main_thread(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=4)
+    model = ToyModel(10, AsyncAgent, delay=0.01)
+    errors: list[BaseException] = []
+
+    def play():  # what SolaraViz's play thread does
+        try:
+            for _ in range(3):
+                model.step()
+        except BaseException as exc:  # noqa: BLE001 - asserted below
+            errors.append(exc)
+
+    thread = threading.Thread(target=play)
+    thread.start()
+    thread.join()
+    assert errors == []
+    assert len(model.tracker.starts) == 30
+    assert model.tracker.peak > 1
+
+
+def test_async_primitives_created_in_one_step_work_in_the_next():
+    mlp.enable_automatic_parallel_stepping()
+
+    class Client(mesa.Agent):
+        """Creates loop-bound objects once, as an async HTTP client does."""
+
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+            self.queue: asyncio.Queue[int] | None = None
+            self.lock: asyncio.Lock | None = None
+            self.got: list[int] = []
+
+        async def astep(self):
+            if self.queue is None:
+                self.queue = asyncio.Queue()
+                self.lock = asyncio.Lock()
+                self.loop = asyncio.get_running_loop()
+            assert asyncio.get_running_loop() is self.loop
+            async with self.lock:
+                await self.queue.put(len(self.got))
+                self.got.append(await self.queue.get())
+
+    model = ToyModel(5, Client)
+    for _ in range(4):
+        model.step()
+    assert all(a.got == [0, 1, 2, 3] for a in model.agents)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("agent_cls", [AsyncAgent, SyncAgent])
+def test_models_are_freed_after_del(mode, agent_cls):
+    # Repeated: a pool worker that still held its last job would keep a model alive
+    # for a moment after the step, which a single try can miss.
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=3)
+    alive = 0
+    for _ in range(25):
+        model = ToyModel(10, agent_cls)
+        model.step()
+        model.step()
+        ref = weakref.ref(model)
+        agent_ref = weakref.ref(next(iter(model.agents)))
+        del model
+        gc.collect()
+        alive += ref() is not None or agent_ref() is not None
+    assert alive == 0
+
+
+def test_resizing_often_leaks_no_threads():
+    mlp.enable_automatic_parallel_stepping(mode="threading")
+    model = ToyModel(12, SyncAgent)
+    baseline = threading.active_count()
+    for i in range(300):
+        mlp.settings.max_workers = 1 + i % 6
+        model.step()
+    assert len(model.tracker.starts) == 300 * 12
+    mlp.shutdown()
+    assert threading.active_count() <= baseline
+
+
+def test_resize_while_a_step_runs_does_not_disturb_it():
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=2, max_concurrency=2)
+    release = threading.Event()
+    entered = threading.Event()
+
+    class Slow(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+
+        def step(self):
+            self.model.tracker.enter(self)
+            entered.set()
+            release.wait(5)
+            self.model.tracker.leave()
+
+    model = ToyModel(6, Slow)
+    stepper = threading.Thread(target=model.step)
+    stepper.start()
+    assert entered.wait(5)
+    mlp.settings.update(max_workers=5, max_concurrency=None)  # a panel changes both mid-step
+    other = ToyModel(10, SyncAgent, delay=0.01)
+    other.step()  # a second model's step gets the new size at once
+    release.set()
+    stepper.join(5)
+    assert not stepper.is_alive()
+    assert len(model.tracker.starts) == 6
+    assert model.tracker.peak == 2
+    assert other.tracker.peak == 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_nested_step_from_inside_an_agent_does_not_deadlock(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=2)
+
+    class Inner(mesa.Model):
+        def __init__(self):
+            super().__init__(rng=1)
+            self.parallel_stepping = True
+            self.tracker = ToyModel(0).tracker
+            for _ in range(4):
+                SyncAgent(self, delay=0.001)
+
+    class Outer(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+            self.inner = Inner()
+
+        def step(self):
+            self.inner.agents.shuffle_do("step")
+
+    model = ToyModel(4, Outer)
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (model.step(), done.set()))
+    runner.start()
+    runner.join(20)
+    assert done.is_set()
+    assert all(len(a.inner.tracker.starts) == 4 for a in model.agents)
