@@ -59,7 +59,7 @@ def _identity(entry: Any) -> Any:
 class _Dispatch:
     """Decides, once per agent class and step, which method runs and where."""
 
-    __slots__ = ("_cache", "_method", "_threading", "_sync_kind")
+    __slots__ = ("_cache", "_method", "_sync_kind", "_threading")
 
     def __init__(self, method: str | Callable[..., Any], *, threading_mode: bool, sync_kind: int):
         self._method = method
@@ -124,6 +124,19 @@ class StepOutcome:
         raise first
 
 
+def _make_call(
+    method: str | Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Callable[[Any, str | None], Any]:
+    """How to call one agent: ``name`` is the method to use, None for a callable."""
+
+    def call(agent: Any, name: str | None) -> Any:
+        if name is None:
+            return method(agent, *args, **kwargs)  # type: ignore[operator]
+        return getattr(agent, name)(*args, **kwargs)
+
+    return call
+
+
 def _runner_count(n: int, cap: int | None, *more_caps: int) -> int:
     return min(n, cap or n, *more_caps)
 
@@ -152,10 +165,7 @@ async def run_step_async(
     executor: concurrent.futures.Executor | None = None
     stop = False
 
-    def call(agent: Any, name: str | None) -> Any:
-        if name is None:
-            return method(agent, *args, **kwargs)  # type: ignore[operator]
-        return getattr(agent, name)(*args, **kwargs)
+    call = _make_call(method, args, kwargs)
 
     async def runner() -> None:
         nonlocal stop, executor, lease
@@ -242,6 +252,7 @@ def run_step_threaded(
         return outcome
     resolve = resolve or _identity
     dispatch = _Dispatch(method, threading_mode=True, sync_kind=_INLINE)
+    call = _make_call(method, args, kwargs)
     next_index = itertools.count().__next__
     lock = threading.Lock()
     stop = False
@@ -264,11 +275,7 @@ def run_step_threaded(
                     outcome.peak_in_flight = outcome.in_flight
             try:
                 kind, name = dispatch(agent)
-                bound = method if name is None else getattr(agent, name)
-                if name is None:
-                    result = bound(agent, *args, **kwargs)  # type: ignore[operator]
-                else:
-                    result = bound(*args, **kwargs)
+                result = call(agent, name)
                 if kind == _ON_THREAD_LOOP:
                     _run_on_thread_loop(result)
                 with lock:

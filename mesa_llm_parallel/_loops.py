@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import logging
 import threading
 import weakref
@@ -180,10 +181,9 @@ def _run_until_complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, An
     except BaseException:
         if not task.done():
             task.cancel()
-            try:
+            # A second interrupt while unwinding is dropped: the first one is reported.
+            with contextlib.suppress(BaseException):
                 loop.run_until_complete(asyncio.wait([task], timeout=_UNWIND_TIMEOUT))
-            except BaseException:  # noqa: S110 - the first exception is the one to report
-                pass
         raise
 
 
@@ -220,7 +220,7 @@ def run_coroutine_sync(
 
 def close_loops() -> None:
     """Stop the background loop thread and close every idle persistent loop."""
-    global _background  # noqa: PLW0603
+    global _background
     with _background_lock:
         bg, _background = _background, None
     if bg is not None:

@@ -54,6 +54,9 @@ class ResizablePool:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: _Entry | None = None
+        # Executors shut down without waiting, kept so that shutdown(wait=True) can
+        # join their threads; pruned once those threads have exited.
+        self._retired: list[ThreadPoolExecutor] = []
 
     @property
     def size(self) -> int | None:
@@ -75,7 +78,7 @@ class ResizablePool:
                 entry = self._current = _Entry(size)
             entry.users += 1
         if retired is not None:
-            retired.executor.shutdown(wait=False)
+            self._retire(retired.executor)
         try:
             yield entry.executor
         finally:
@@ -83,15 +86,27 @@ class ResizablePool:
                 entry.users -= 1
                 done = entry.retired and entry.users == 0
             if done:
-                entry.executor.shutdown(wait=False)
+                self._retire(entry.executor)
+
+    def _retire(self, executor: ThreadPoolExecutor) -> None:
+        executor.shutdown(wait=False)
+        with self._lock:
+            self._retired = [
+                old for old in self._retired if any(t.is_alive() for t in old._threads)
+            ]
+            self._retired.append(executor)
 
     def shutdown(self, *, wait: bool = True) -> None:
         """Retire the current executor; its threads exit once no step uses them."""
         with self._lock:
             entry, self._current = self._current, None
-            if entry is None:
-                return
-            entry.retired = True
-            idle = entry.users == 0
-        if idle:
+            retired, self._retired = self._retired, []
+            idle = False
+            if entry is not None:
+                entry.retired = True
+                idle = entry.users == 0
+        if entry is not None and idle:
             entry.executor.shutdown(wait=wait)
+        if wait:
+            for executor in retired:
+                executor.shutdown(wait=True)

@@ -101,9 +101,7 @@ def _validate_mode(value: object) -> str:
 def _validate_max_workers(value: object) -> int:
     if value is None:
         return _default_max_workers()
-    result = _check_positive_int("max_workers", value, allow_none=True)
-    assert result is not None
-    return result
+    return _check_positive_int("max_workers", value, allow_none=False)  # type: ignore[return-value]
 
 
 def _validate_max_concurrency(value: object) -> int | None:

@@ -20,7 +20,7 @@ and models without a true ``parallel_stepping`` attribute keep stepping sequenti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, TypeVar
+from typing import Any
 
 from mesa_llm_parallel import _loops, _patch
 from mesa_llm_parallel._agentsets import shuffled_members
@@ -37,8 +37,6 @@ __all__ = [
     "step_agents_parallel",
     "step_agents_parallel_sync",
 ]
-
-S = TypeVar("S")
 
 
 def enable_automatic_parallel_stepping(
@@ -131,7 +129,7 @@ def step_agents_multithreaded(
     run_step_sync(list(agents), None, method, args, kwargs, settings.snapshot(), mode="threading")
 
 
-async def ashuffle_do(
+async def ashuffle_do[S](
     agentset: S, method: str | Callable[..., Any] = "step", *args: Any, **kwargs: Any
 ) -> S:
     """Async counterpart of ``agentset.shuffle_do(method, ...)``, run on the current loop.

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 
-import mesa
 import pytest
 from mesa.agentset import AgentSet, _HardKeyAgentSet
 from models import AsyncAgent, SyncAgent, ToyModel
@@ -70,7 +69,7 @@ def test_enable_and_disable_from_many_threads_at_once():
                     mlp.enable_automatic_parallel_stepping()
                 else:
                     mlp.disable_automatic_parallel_stepping()
-        except BaseException as exc:  # noqa: BLE001 - collected and asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     threads = [threading.Thread(target=flip, args=(i,)) for i in range(6)]
@@ -145,7 +144,8 @@ def test_method_not_in_parallel_methods_runs_sequentially():
     for agent in model.agents:
         agent.advance = advance.__get__(agent)
     assert model.agents.shuffle_do("advance") is model.agents
-    assert set(seen) == {threading.get_ident()} and len(seen) == 10
+    assert set(seen) == {threading.get_ident()}
+    assert len(seen) == 10
 
 
 def test_parallel_methods_setting_adds_names():

@@ -255,7 +255,7 @@ def test_step_from_a_non_main_thread(mode):
         try:
             for _ in range(3):
                 model.step()
-        except BaseException as exc:  # noqa: BLE001 - asserted below
+        except BaseException as exc:
             errors.append(exc)
 
     thread = threading.Thread(target=play)
