@@ -149,14 +149,23 @@ async def run_step_async(
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     cfg: SettingsSnapshot,
+    *,
+    nested: bool | None = None,
 ) -> StepOutcome:
-    """Step ``entries`` concurrently on the running loop; return what happened."""
+    """Step ``entries`` concurrently on the running loop; return what happened.
+
+    ``nested`` says whether the step was started from one of the library's pool
+    workers (default: whether the current thread is one). Sync agents of a nested step
+    run inline, in that worker: sending them to the pool could wait forever for a
+    worker that is itself waiting for them.
+    """
     outcome = StepOutcome()
     n = len(entries)
     if n == 0:
         return outcome
     resolve = resolve or _identity
-    nested = is_pool_thread()
+    if nested is None:
+        nested = is_pool_thread()
     sync_kind = _INLINE if (cfg.run_sync_inline or nested) else _POOL
     dispatch = _Dispatch(method, threading_mode=False, sync_kind=sync_kind)
     next_index = itertools.count().__next__
@@ -332,8 +341,11 @@ def run_step_sync(
     if (mode or cfg.mode) == "threading":
         outcome = run_step_threaded(entries, resolve, method, args, kwargs, cfg)
     else:
+        # Decided here, in the calling thread: the step itself may run on another
+        # thread's loop (the background loop), where the answer would be wrong.
+        nested = is_pool_thread()
         outcome = run_coroutine_sync(
-            lambda: run_step_async(entries, resolve, method, args, kwargs, cfg),
+            lambda: run_step_async(entries, resolve, method, args, kwargs, cfg, nested=nested),
             loop_policy=cfg.loop,
         )
     outcome.raise_first_failure()

@@ -97,6 +97,17 @@ _nested_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _unpatchable_types: set[type] = set()
 
 
+def _refuse(loop: asyncio.AbstractEventLoop, reason: object) -> bool:
+    _unpatchable_types.add(type(loop))
+    logger.info(
+        "mesa_llm_parallel: the running event loop (%s) cannot be re-entered (%s); "
+        "asyncio steps started from it run on a background loop thread instead",
+        type(loop).__name__,
+        reason,
+    )
+    return False
+
+
 def _can_reuse(loop: asyncio.AbstractEventLoop) -> bool:
     if loop in _nested_loops:
         return True
@@ -105,19 +116,16 @@ def _can_reuse(loop: asyncio.AbstractEventLoop) -> bool:
             return True
         if type(loop) in _unpatchable_types:
             return False
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            # nest-asyncio2 only re-enters loops derived from asyncio's own (not uvloop).
+            # Checked first: its apply() patches asyncio globally before refusing.
+            return _refuse(loop, "not an asyncio.BaseEventLoop")
         import nest_asyncio2
 
         try:
             nest_asyncio2.apply(loop)
         except ValueError as exc:
-            _unpatchable_types.add(type(loop))
-            logger.info(
-                "mesa_llm_parallel: the running event loop (%s) cannot be re-entered (%s); "
-                "asyncio steps started from it run on a background loop thread instead",
-                type(loop).__name__,
-                exc,
-            )
-            return False
+            return _refuse(loop, exc)
         if not _nested_loops:
             logger.info(
                 "mesa_llm_parallel: an event loop is already running in this thread; "

@@ -80,8 +80,9 @@ def enable_automatic_parallel_stepping(
 def disable_automatic_parallel_stepping() -> None:
     """Restore Mesa's original ``shuffle_do`` functions (idempotent, thread-safe).
 
-    The settings are kept, so a later :func:`enable_automatic_parallel_stepping` with no
-    options resumes where this left off.
+    The settings are kept. A later :func:`enable_automatic_parallel_stepping` applies
+    its ``mode`` argument (default ``"asyncio"``) and whatever else it is given, and
+    keeps the rest.
     """
     _patch.uninstall()
 

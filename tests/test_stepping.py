@@ -382,3 +382,51 @@ def test_nested_step_from_inside_an_agent_does_not_deadlock(mode):
     runner.join(20)
     assert done.is_set()
     assert all(len(a.inner.tracker.starts) == 4 for a in model.agents)
+
+
+def test_nested_step_with_background_loop_does_not_deadlock():
+    # A sync agent in a pool worker steps sync sub-agents while the library's loop runs
+    # on another thread: the sub-agents must not wait for the (busy) pool.
+    mlp.enable_automatic_parallel_stepping(max_workers=2, loop="background")
+
+    class Inner(mesa.Model):
+        def __init__(self):
+            super().__init__(rng=1)
+            self.parallel_stepping = True
+            self.tracker = ToyModel(0).tracker
+            for _ in range(3):
+                SyncAgent(self, delay=0.001)
+
+    class Outer(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+            self.inner = Inner()
+
+        def step(self):
+            self.inner.agents.shuffle_do("step")
+
+    model = ToyModel(4, Outer)
+    done = threading.Event()
+    runner = threading.Thread(target=lambda: (model.step(), done.set()), daemon=True)
+    runner.start()
+    runner.join(20)
+    assert done.is_set()
+    assert all(len(a.inner.tracker.starts) == 3 for a in model.agents)
+
+
+def test_a_loop_that_cannot_be_re_entered_falls_back_to_the_background_thread():
+    class ForeignLoop(asyncio.AbstractEventLoop):
+        """Stands in for uvloop: a running loop not derived from asyncio's own."""
+
+    mlp.enable_automatic_parallel_stepping()
+    model = ToyModel(6, AsyncAgent, delay=0.001)
+    foreign = ForeignLoop()
+    asyncio._set_running_loop(foreign)
+    try:
+        model.step()
+        path = mlp.last_loop_path()
+    finally:
+        asyncio._set_running_loop(None)
+    assert path == "background"
+    assert len(model.tracker.starts) == 6
+    assert not getattr(ForeignLoop, "_nest_patched", False)
