@@ -5,14 +5,24 @@ Importing this package changes nothing in Mesa. Call
 to make ``model.agents.shuffle_do("step")`` run the agents concurrently.
 
 Core objects: :data:`settings` (the live settings), the functions of
-:mod:`mesa_llm_parallel.parallel_stepping`, and :func:`ashuffle_do` for async code.
+:mod:`mesa_llm_parallel.parallel_stepping`, :func:`ashuffle_do` for async code,
+:func:`in_turn` for ordered effects, and :func:`last_step_report`.
 """
 
 from __future__ import annotations
 
 from mesa_llm_parallel._loops import last_loop_path
+from mesa_llm_parallel._ordering import in_turn, shared_lock
+from mesa_llm_parallel._report import (
+    AgentFailure,
+    StepReport,
+    add_step_callback,
+    last_step_report,
+    remove_step_callback,
+)
 from mesa_llm_parallel._settings import (
     DEFAULT_MAX_WORKERS,
+    ERROR_POLICIES,
     MODES,
     Settings,
     SettingsSnapshot,
@@ -34,17 +44,25 @@ __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
+    "ERROR_POLICIES",
     "MODES",
+    "AgentFailure",
     "Settings",
     "SettingsSnapshot",
+    "StepReport",
     "UnknownSettingError",
     "__version__",
+    "add_step_callback",
     "ashuffle_do",
     "disable_automatic_parallel_stepping",
     "enable_automatic_parallel_stepping",
+    "in_turn",
     "is_automatic_parallel_stepping_enabled",
     "last_loop_path",
+    "last_step_report",
+    "remove_step_callback",
     "settings",
+    "shared_lock",
     "shutdown",
     "step_agents_multithreaded",
     "step_agents_parallel",

@@ -1,10 +1,10 @@
 """Stepping many agents at once, in asyncio mode or in threading mode.
 
 Both modes share one shape. The agents of a step are a list in start order (the
-shuffled order for ``shuffle_do``); K runners pull the next index from a shared counter
-until the list is exhausted, where K is the number of agents allowed in flight at once
-(``max_concurrency``, and the pool size in threading mode). Agents therefore start in
-list order, the cap is exact, and the cost per agent is one pull and one call.
+shuffled order for ``shuffle_do``); K runners pull the next position from a shared
+counter until the list is exhausted, where K is the number of agents allowed in flight
+at once (``max_concurrency``, and the pool size in threading mode). Agents therefore
+start in list order, the cap is exact, and the cost per agent is one pull and one call.
 
 * asyncio mode: the runners are coroutines on one event loop. An agent whose class
   defines ``async def a<method>`` is awaited; any other agent's sync method runs in
@@ -13,26 +13,40 @@ list order, the cap is exact, and the cost per agent is one pull and one call.
 * threading mode: the runners are jobs in the thread pool and call the sync method.
   An agent that only has ``a<method>`` runs it on its worker thread's persistent loop.
 
-An agent's exception does not cancel its siblings: every agent already started
-finishes, no new agent starts, and the first failure in start order is raised.
+Failures never cancel siblings. With ``on_error="raise"`` no new agent starts after a
+failure, every started agent finishes, and the first failure in start order is raised;
+with ``"collect"`` every agent runs. Each step ends with a :class:`StepReport`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import functools
 import inspect
 import itertools
+import logging
 import threading
-from collections.abc import Callable, Iterable, Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel._loops import _run_until_complete, run_coroutine_sync, thread_loop
-from mesa_llm_parallel._pool import ResizablePool, is_pool_thread
+from mesa_llm_parallel._ordering import TURN_ATTRIBUTE, Turnstile
+from mesa_llm_parallel._pool import ResizablePool, _mark_pool_thread, is_pool_thread
+from mesa_llm_parallel._ratelimit import limiter
+from mesa_llm_parallel._report import (
+    AgentFailure,
+    StepReport,
+    run_callbacks,
+    store_report,
+)
 from mesa_llm_parallel._settings import SettingsSnapshot
 
-__all__ = ["pool", "run_step_async", "run_step_sync"]
+__all__ = ["Step", "pool", "run_step_async", "run_step_sync"]
+
+logger = logging.getLogger("mesa_llm_parallel")
 
 #: The library's one thread pool.
 pool: Final = ResizablePool()
@@ -61,7 +75,9 @@ class _Dispatch:
 
     __slots__ = ("_cache", "_method", "_sync_kind", "_threading")
 
-    def __init__(self, method: str | Callable[..., Any], *, threading_mode: bool, sync_kind: int):
+    def __init__(
+        self, method: str | Callable[..., Any], *, threading_mode: bool, sync_kind: int
+    ) -> None:
         self._method = method
         self._threading = threading_mode
         self._sync_kind = sync_kind
@@ -95,35 +111,6 @@ class _Dispatch:
         return self._sync_kind, method
 
 
-class StepOutcome:
-    """What happened in one parallel step (counts only; no references to agents)."""
-
-    __slots__ = ("completed", "failures", "in_flight", "peak_in_flight", "skipped", "started")
-
-    def __init__(self) -> None:
-        self.started = 0
-        self.completed = 0
-        self.skipped = 0
-        self.in_flight = 0
-        self.peak_in_flight = 0
-        self.failures: list[tuple[int, BaseException]] = []
-
-    def raise_first_failure(self) -> None:
-        """Raise the failure of the earliest-started failing agent, as its own type."""
-        if not self.failures:
-            return
-        self.failures.sort(key=lambda item: item[0])
-        first = self.failures[0][1]
-        others = len(self.failures) - 1
-        if others:
-            first.add_note(
-                f"mesa_llm_parallel: {others} more agent(s) failed in the same parallel step; "
-                "every agent that had started was allowed to finish"
-            )
-        self.failures = []
-        raise first
-
-
 def _make_call(
     method: str | Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 ) -> Callable[[Any, str | None], Any]:
@@ -135,94 +122,6 @@ def _make_call(
         return getattr(agent, name)(*args, **kwargs)
 
     return call
-
-
-def _runner_count(n: int, cap: int | None, *more_caps: int) -> int:
-    return min(n, cap or n, *more_caps)
-
-
-# -- asyncio mode -------------------------------------------------------------------
-async def run_step_async(
-    entries: Sequence[Any],
-    resolve: Resolve | None,
-    method: str | Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    cfg: SettingsSnapshot,
-    *,
-    nested: bool | None = None,
-) -> StepOutcome:
-    """Step ``entries`` concurrently on the running loop; return what happened.
-
-    ``nested`` says whether the step was started from one of the library's pool
-    workers (default: whether the current thread is one). Sync agents of a nested step
-    run inline, in that worker: sending them to the pool could wait forever for a
-    worker that is itself waiting for them.
-    """
-    outcome = StepOutcome()
-    n = len(entries)
-    if n == 0:
-        return outcome
-    resolve = resolve or _identity
-    if nested is None:
-        nested = is_pool_thread()
-    sync_kind = _INLINE if (cfg.run_sync_inline or nested) else _POOL
-    dispatch = _Dispatch(method, threading_mode=False, sync_kind=sync_kind)
-    next_index = itertools.count().__next__
-    loop = asyncio.get_running_loop()
-    lease = None
-    executor: concurrent.futures.Executor | None = None
-    stop = False
-
-    call = _make_call(method, args, kwargs)
-
-    async def runner() -> None:
-        nonlocal stop, executor, lease
-        while not stop:
-            index = next_index()
-            if index >= n:
-                return
-            agent = resolve(entries[index])
-            if agent is None:
-                outcome.skipped += 1
-                continue
-            outcome.started += 1
-            outcome.in_flight += 1
-            if outcome.in_flight > outcome.peak_in_flight:
-                outcome.peak_in_flight = outcome.in_flight
-            try:
-                kind, name = dispatch(agent)
-                if kind == _AWAIT:
-                    await call(agent, name)
-                elif kind == _POOL:
-                    if executor is None:
-                        lease = pool.lease(cfg.max_workers)
-                        executor = lease.__enter__()
-                    await loop.run_in_executor(
-                        executor, _OneShot(functools.partial(call, agent, name))
-                    )
-                else:
-                    call(agent, name)
-                outcome.completed += 1
-            except Exception as exc:
-                outcome.failures.append((index, exc))
-                stop = True
-            finally:
-                outcome.in_flight -= 1
-
-    try:
-        k = _runner_count(n, cfg.max_concurrency)
-        if k == 1:
-            await runner()
-        else:
-            await asyncio.gather(*[runner() for _ in range(k)])
-    except BaseException:
-        stop = True
-        raise
-    finally:
-        if lease is not None:
-            lease.__exit__(None, None, None)
-    return outcome
 
 
 class _OneShot:
@@ -245,113 +144,477 @@ class _OneShot:
             fn()
 
 
-# -- threading mode -----------------------------------------------------------------
-def run_step_threaded(
-    entries: Sequence[Any],
-    resolve: Resolve | None,
-    method: str | Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    cfg: SettingsSnapshot,
-) -> StepOutcome:
-    """Step ``entries`` in the thread pool; return what happened."""
-    outcome = StepOutcome()
-    n = len(entries)
-    if n == 0:
-        return outcome
-    resolve = resolve or _identity
-    dispatch = _Dispatch(method, threading_mode=True, sync_kind=_INLINE)
-    call = _make_call(method, args, kwargs)
-    next_index = itertools.count().__next__
-    lock = threading.Lock()
-    stop = False
+def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutError:
+    error = TimeoutError(f"agent {agent!r} did not finish within the {seconds:g} s timeout")
+    if in_thread:
+        error.add_note(
+            "mesa_llm_parallel: its thread cannot be stopped and may still be running; "
+            "its late effects are not ordered by in_turn (its turn has passed)"
+        )
+    return error
 
-    def runner() -> None:
-        nonlocal stop
-        while not stop:
-            index = next_index()
-            if index >= n:
-                return
-            agent = resolve(entries[index])
+
+class Step:
+    """The shared state of one parallel step: positions, counters, failures, turns.
+
+    Runners call :meth:`claim` for the next agent and :meth:`finish` when it is done.
+    Every counter is updated under one lock, which costs little when uncontended (the
+    asyncio runners share one thread).
+    """
+
+    def __init__(
+        self,
+        entries: Sequence[Any],
+        resolve: Resolve | None,
+        method: str | Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        cfg: SettingsSnapshot,
+        mode: str,
+    ) -> None:
+        self.entries = entries
+        self.n = len(entries)
+        self.resolve = resolve or _identity
+        self.method = method
+        self.call = _make_call(method, args, kwargs)
+        self.cfg = cfg
+        self.mode = mode
+        self.lock = threading.Lock()
+        self.turns = Turnstile(self.n)
+        self._next = itertools.count().__next__
+        self.stop = False
+        self.started = 0
+        self.completed = 0
+        self.skipped = 0
+        self.in_flight = 0
+        self.peak_in_flight = 0
+        self.busy_time = 0.0
+        self.failures: list[AgentFailure] = []
+        self.started_at = time.perf_counter()
+        self.ended_at: float | None = None
+        self.interrupted = False
+        self.progress = _progress_bar(self.n, mode) if cfg.progress and self.n else None
+
+    # -- runners ----------------------------------------------------------------------
+    def claim(self) -> tuple[int, float] | None:
+        """The next position to run and how long to wait before starting it, or None."""
+        rate = self.cfg.rate_limit
+        with self.lock:
+            if self.stop:
+                return None
+            position = self._next()
+            if position >= self.n:
+                return None
+            return position, (limiter.reserve(rate) if rate else 0.0)
+
+    def begin(self, position: int) -> Any:
+        """Resolve the agent at ``position`` and count it as started; None if skipped."""
+        agent = self.resolve(self.entries[position])
+        if agent is None:
+            with self.lock:
+                self.skipped += 1
+            self.turns.pass_turn(position)
+            return None
+        with self.lock:
+            self.started += 1
+            self.in_flight += 1
+            if self.in_flight > self.peak_in_flight:
+                self.peak_in_flight = self.in_flight
+        # An agent class with __slots__ takes no attribute: in_turn is a no-op for it.
+        with contextlib.suppress(AttributeError):
+            setattr(agent, TURN_ATTRIBUTE, (self.turns, position))
+        return agent
+
+    def finish(
+        self,
+        position: int,
+        agent: Any,
+        started: float,
+        error: BaseException | None = None,
+        *,
+        timed_out: bool = False,
+    ) -> None:
+        """Record the end of the agent at ``position`` and give up its turn."""
+        elapsed = time.perf_counter() - started
+        with self.lock:
+            self.in_flight -= 1
+            self.busy_time += elapsed
+            if error is None:
+                self.completed += 1
+            else:
+                self.failures.append(AgentFailure(agent, error, position, timed_out))
+                if self.cfg.on_error == "raise":
+                    self.stop = True
+            if self.progress is not None:
+                self.progress.update(1)
+        _clear_turn(agent)
+        self.turns.pass_turn(position)
+
+    # -- the end ----------------------------------------------------------------------
+    def report(self) -> StepReport:
+        """The step's report (the step must have ended)."""
+        end = self.ended_at if self.ended_at is not None else time.perf_counter()
+        with self.lock:
+            failures = tuple(sorted(self.failures, key=lambda f: f.position))
+            return StepReport(
+                mode=self.mode,
+                agents=self.n,
+                started=self.started,
+                completed=self.completed,
+                skipped=self.skipped,
+                failures=failures,
+                wall_time=end - self.started_at,
+                busy_time=self.busy_time,
+                peak_in_flight=self.peak_in_flight,
+                pool_size=self.cfg.max_workers,
+                max_concurrency=self.cfg.max_concurrency,
+                interrupted=self.interrupted,
+            )
+
+    def close(self, model: Any, *, interrupted: bool = False) -> StepReport:
+        """End the step: stop new starts, build and store the report, run callbacks."""
+        with self.lock:
+            self.stop = True
+            self.ended_at = time.perf_counter()
+            self.interrupted = interrupted
+        if self.progress is not None:
+            self.progress.close()
+        report = self.report()
+        if model is not None:
+            store_report(model, report)
+            run_callbacks(model, report)
+        if report.failures and self.cfg.on_error == "collect":
+            first = report.failures[0]
+            logger.warning(
+                "mesa_llm_parallel: %d agent(s) failed in a parallel step (first: %r: %s); "
+                "see last_step_report(model).failures",
+                len(report.failures),
+                first.agent,
+                first.exception,
+            )
+        return report
+
+
+def _clear_turn(agent: Any) -> None:
+    with contextlib.suppress(AttributeError):
+        delattr(agent, TURN_ATTRIBUTE)
+
+
+def _progress_bar(total: int, mode: str) -> Any:
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc=f"parallel step ({mode})", unit="agent", leave=False)
+
+
+def raise_failures(report: StepReport) -> None:
+    """With ``on_error="raise"``: raise the first failure in start order, as its own type.
+
+    The other failures are attached as ``exception.mesa_llm_parallel_failures`` (all of
+    them, first included) and summarised in the exception's notes.
+    """
+    if not report.failures:
+        return
+    first = report.failures[0].exception
+    if not hasattr(first, "mesa_llm_parallel_failures"):
+        first.mesa_llm_parallel_failures = report.failures  # type: ignore[attr-defined]
+        others = report.failures[1:]
+        if others:
+            listed = "; ".join(
+                f"{f.agent!r}: {type(f.exception).__name__}: {f.exception}" for f in others[:5]
+            )
+            more = f"; and {len(others) - 5} more" if len(others) > 5 else ""
+            first.add_note(
+                f"mesa_llm_parallel: {len(others)} more agent(s) failed in the same parallel "
+                f"step: {listed}{more}. All are in exception.mesa_llm_parallel_failures and "
+                "last_step_report(model)."
+            )
+    raise first
+
+
+# -- asyncio mode -------------------------------------------------------------------
+async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
+    """Run ``step`` concurrently on the running loop.
+
+    ``nested`` says whether the step was started from one of the library's pool
+    workers (default: whether the current thread is one). Sync agents of a nested step
+    run inline, in that worker: sending them to the pool could wait forever for a
+    worker that is itself waiting for them.
+    """
+    if step.n == 0:
+        return
+    if nested is None:
+        nested = is_pool_thread()
+    cfg = step.cfg
+    sync_kind = _INLINE if (cfg.run_sync_inline or nested) else _POOL
+    dispatch = _Dispatch(step.method, threading_mode=False, sync_kind=sync_kind)
+    loop = asyncio.get_running_loop()
+    timeout = cfg.timeout
+    call = step.call
+    lease: Any = None
+    executor: concurrent.futures.Executor | None = None
+
+    async def runner() -> None:
+        nonlocal lease, executor
+        while (claimed := step.claim()) is not None:
+            position, delay = claimed
+            if delay:
+                await asyncio.sleep(delay)
+            agent = step.begin(position)
             if agent is None:
-                with lock:
-                    outcome.skipped += 1
                 continue
-            with lock:
-                outcome.started += 1
-                outcome.in_flight += 1
-                if outcome.in_flight > outcome.peak_in_flight:
-                    outcome.peak_in_flight = outcome.in_flight
+            started = time.perf_counter()
+            kind = _INLINE
+            deadline = None
             try:
                 kind, name = dispatch(agent)
-                result = call(agent, name)
-                if kind == _ON_THREAD_LOOP:
-                    _run_on_thread_loop(result)
-                with lock:
-                    outcome.completed += 1
+                if kind == _POOL:
+                    if executor is None:
+                        lease = pool.lease(cfg.max_workers)
+                        executor = lease.__enter__()
+                    job = _OneShot(functools.partial(call, agent, name))
+                    awaitable: Any = loop.run_in_executor(executor, job)
+                elif kind == _AWAIT:
+                    awaitable = call(agent, name)
+                else:
+                    call(agent, name)
+                    step.finish(position, agent, started)
+                    continue
+                if timeout is None:
+                    await awaitable
+                else:
+                    async with asyncio.timeout(timeout) as deadline:
+                        await awaitable
             except Exception as exc:
-                with lock:
-                    outcome.failures.append((index, exc))
-                stop = True
-            finally:
-                with lock:
-                    outcome.in_flight -= 1
-            del agent
+                if deadline is not None and deadline.expired():
+                    error = _timeout_error(agent, timeout, in_thread=kind == _POOL)  # type: ignore[arg-type]
+                    error.__cause__ = exc
+                    step.finish(position, agent, started, error, timed_out=True)
+                else:
+                    step.finish(position, agent, started, exc)
+            except BaseException:
+                _clear_turn(agent)
+                raise
+            else:
+                step.finish(position, agent, started)
 
-    if is_pool_thread():
-        # A step started from inside one of our own workers (an agent stepping its
-        # sub-agents) runs in that worker: waiting for free workers could deadlock.
-        runner()
-        return outcome
+    try:
+        k = min(step.n, cfg.max_concurrency or step.n)
+        if k == 1:
+            await runner()
+        else:
+            await asyncio.gather(*[runner() for _ in range(k)])
+    finally:
+        with step.lock:
+            step.stop = True
+        if lease is not None:
+            lease.__exit__(None, None, None)
 
-    k = _runner_count(n, cfg.max_concurrency, cfg.max_workers)
-    with pool.lease(cfg.max_workers) as executor:
-        futures = [executor.submit(_OneShot(runner)) for _ in range(k)]
+
+# -- threading mode -----------------------------------------------------------------
+class _Runner:
+    """One threading-mode runner: which agent it runs now, and whether it was abandoned."""
+
+    __slots__ = ("abandoned", "agent", "position", "started")
+
+    def __init__(self) -> None:
+        self.abandoned = False
+        self.agent: Any = None
+        self.position = -1
+        self.started = 0.0
+
+
+def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
+    call = step.call
+    timeout = step.cfg.timeout
+    while not me.abandoned and (claimed := step.claim()) is not None:
+        position, delay = claimed
+        if delay:
+            time.sleep(delay)
+        agent = step.begin(position)
+        if agent is None:
+            continue
+        started = time.perf_counter()
+        with step.lock:
+            me.agent, me.position, me.started = agent, position, started
+        error: BaseException | None = None
+        timed_out = False
         try:
-            done, _ = concurrent.futures.wait(futures)
-        except BaseException:
-            stop = True
-            raise
-    for future in done:
-        future.result()  # only a BaseException escaping a runner can land here
-    return outcome
+            kind, name = dispatch(agent)
+            result = call(agent, name)
+            if kind == _ON_THREAD_LOOP:
+                timed_out = _run_on_thread_loop(result, timeout)
+                if timed_out:
+                    error = _timeout_error(agent, timeout, in_thread=False)  # type: ignore[arg-type]
+        except Exception as exc:
+            error = exc
+        with step.lock:
+            abandoned = me.abandoned
+            me.agent = None
+        if abandoned:  # the caller already reported it as timed out and moved on
+            _clear_turn(agent)
+            return
+        step.finish(position, agent, started, error, timed_out=timed_out)
+        del agent
 
 
-def _run_on_thread_loop(coro: Any) -> None:
+def _run_on_thread_loop(coro: Any, timeout: float | None) -> bool:
+    """Run an async-only agent's coroutine here; return True if it timed out."""
+
+    async def bounded() -> bool:
+        if timeout is None:
+            await coro
+            return False
+        async with asyncio.timeout(timeout) as deadline:
+            try:
+                await coro
+            except TimeoutError:
+                if deadline.expired():
+                    return True
+                raise
+        return False
+
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        _run_until_complete(thread_loop(), coro)
-    else:  # an async-only agent in a worker that already runs a loop
-        run_coroutine_sync(lambda: coro)
+        return _run_until_complete(thread_loop(), bounded())
+    return run_coroutine_sync(bounded)  # an async-only agent in a worker that runs a loop
+
+
+def run_step_threaded(step: Step) -> None:
+    """Run ``step`` in the thread pool."""
+    if step.n == 0:
+        return
+    cfg = step.cfg
+    dispatch = _Dispatch(step.method, threading_mode=True, sync_kind=_INLINE)
+    if is_pool_thread():
+        # A step started from inside one of our own workers (an agent stepping its
+        # sub-agents) runs in that worker: waiting for free workers could deadlock.
+        _run_threaded_runner(step, _Runner(), dispatch)
+        return
+
+    k = min(step.n, cfg.max_concurrency or step.n, cfg.max_workers)
+    with pool.lease(cfg.max_workers) as executor:
+        running: dict[concurrent.futures.Future[None], _Runner] = {}
+        for _ in range(k):
+            runner = _Runner()
+            job = _OneShot(functools.partial(_run_threaded_runner, step, runner, dispatch))
+            running[executor.submit(job)] = runner
+        try:
+            if cfg.timeout is None:
+                concurrent.futures.wait(running)
+            else:
+                _wait_with_timeouts(step, running, dispatch, cfg.timeout)
+        except BaseException:
+            with step.lock:
+                step.stop = True
+            raise
+    for future in running:
+        if future.done():
+            future.result()  # only a BaseException escaping a runner can land here
+
+
+def _start_spare_runner(
+    step: Step, dispatch: _Dispatch
+) -> tuple[concurrent.futures.Future[None], _Runner]:
+    """A runner on a thread of its own, to take over from one stuck on an overdue agent.
+
+    Not a pool job: the pool's workers may all be stuck, and the step must not wait for
+    them. The thread ends when the step has no more agents to start.
+    """
+    future: concurrent.futures.Future[None] = concurrent.futures.Future()
+    runner = _Runner()
+
+    def run() -> None:
+        _mark_pool_thread()
+        try:
+            _run_threaded_runner(step, runner, dispatch)
+        except BaseException as exc:  # handed to the waiting caller
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+
+    threading.Thread(target=run, name="mesa-llm-parallel-spare", daemon=True).start()
+    return future, runner
+
+
+def _wait_with_timeouts(
+    step: Step,
+    running: dict[concurrent.futures.Future[None], _Runner],
+    dispatch: _Dispatch,
+    timeout: float,
+) -> None:
+    """Wait for the runners; abandon any agent past its deadline and replace its runner."""
+    pending = set(running)
+    while pending:
+        now = time.perf_counter()
+        with step.lock:
+            deadlines = [r.started + timeout for r in running.values() if r.agent is not None]
+        wait_for = max(0.0, min(deadlines) - now) if deadlines else None
+        _, pending = concurrent.futures.wait(
+            pending, timeout=wait_for, return_when=concurrent.futures.FIRST_COMPLETED
+        )
+        now = time.perf_counter()
+        overdue: list[tuple[concurrent.futures.Future[None], _Runner, Any, int, float]] = []
+        with step.lock:
+            for future, runner in running.items():
+                agent = runner.agent
+                if agent is not None and not runner.abandoned and now >= runner.started + timeout:
+                    runner.abandoned = True
+                    runner.agent = None
+                    overdue.append((future, runner, agent, runner.position, runner.started))
+        for future, _runner, agent, position, started in overdue:
+            pending.discard(future)
+            error = _timeout_error(agent, timeout, in_thread=True)
+            step.finish(position, agent, started, error, timed_out=True)
+            if not step.stop:
+                new_future, new_runner = _start_spare_runner(step, dispatch)
+                running[new_future] = new_runner
+                pending.add(new_future)
 
 
 # -- from synchronous code ----------------------------------------------------------
-def run_step_sync(
-    entries: Sequence[Any],
-    resolve: Resolve | None,
-    method: str | Callable[..., Any],
-    args: tuple[Any, ...],
-    kwargs: dict[str, Any],
-    cfg: SettingsSnapshot,
-    *,
-    mode: str | None = None,
-) -> StepOutcome:
-    """Run one parallel step from synchronous code in ``mode`` (default: the setting)."""
-    if (mode or cfg.mode) == "threading":
-        outcome = run_step_threaded(entries, resolve, method, args, kwargs, cfg)
-    else:
-        # Decided here, in the calling thread: the step itself may run on another
-        # thread's loop (the background loop), where the answer would be wrong.
-        nested = is_pool_thread()
-        outcome = run_coroutine_sync(
-            lambda: run_step_async(entries, resolve, method, args, kwargs, cfg, nested=nested),
-            loop_policy=cfg.loop,
-        )
-    outcome.raise_first_failure()
-    return outcome
+def run_step_sync(step: Step, model: Any) -> StepReport:
+    """Run ``step`` from synchronous code in its mode; close it and return its report.
+
+    Raises the first failure (``on_error="raise"``) after the report is stored, and
+    re-raises an interrupt after marking the report as interrupted.
+    """
+    try:
+        if step.mode == "threading":
+            run_step_threaded(step)
+        else:
+            # Decided here, in the calling thread: the step itself may run on another
+            # thread's loop (the background loop), where the answer would be wrong.
+            nested = is_pool_thread()
+            run_coroutine_sync(
+                lambda: run_step_async(step, nested=nested), loop_policy=step.cfg.loop
+            )
+    except BaseException:
+        step.close(model, interrupted=True)
+        raise
+    report = step.close(model)
+    if step.cfg.on_error == "raise":
+        raise_failures(report)
+    return report
 
 
-def as_entries(agents: Iterable[Any]) -> list[Any]:
-    """A list of the agents of any iterable, in its own order."""
-    return list(agents)
+async def run_step_in_loop(step: Step, model: Any) -> StepReport:
+    """Run ``step`` on the running loop (nothing nested); close it; return its report."""
+    try:
+        await run_step_async(step)
+    except BaseException:
+        step.close(model, interrupted=True)
+        raise
+    report = step.close(model)
+    if step.cfg.on_error == "raise":
+        raise_failures(report)
+    return report
+
+
+def model_of(agents: Sequence[Any]) -> Any:
+    """The model of the first agent that has one, or None."""
+    for agent in agents:
+        model = getattr(agent, "model", None)
+        if model is not None:
+            return model
+    return None

@@ -12,8 +12,9 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from mesa_llm_parallel import _recovery as recovery
 from mesa_llm_parallel._agentsets import first_agent, patchable_classes, shuffled_members
-from mesa_llm_parallel._engine import run_step_sync
+from mesa_llm_parallel._engine import Step, run_step_sync
 from mesa_llm_parallel._settings import SettingsSnapshot
 
 __all__ = ["install", "installed_classes", "is_installed", "uninstall", "wants_parallel"]
@@ -45,12 +46,17 @@ def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[...,
         if not wants_parallel(cfg, method):
             return original(self, method, *args, **kwargs)
         agent = first_agent(self)
-        if agent is None or not getattr(getattr(agent, "model", None), "parallel_stepping", False):
-            del agent
-            return original(self, method, *args, **kwargs)
+        model = getattr(agent, "model", None)
         del agent
+        if not getattr(model, "parallel_stepping", False):
+            return original(self, method, *args, **kwargs)
         entries, resolve = shuffled_members(self)
-        run_step_sync(entries, resolve, method, args, kwargs, cfg)
+        step = Step(entries, resolve, method, args, kwargs, cfg, cfg.mode)
+        try:
+            run_step_sync(step, model)
+        except BaseException:
+            recovery.arm(model)
+            raise
         return self
 
     setattr(shuffle_do, _MARK, original)

@@ -12,6 +12,7 @@ while the step runs applies from the next step on.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
@@ -19,6 +20,7 @@ from typing import Any, Final, Literal
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
+    "ERROR_POLICIES",
     "MODES",
     "Settings",
     "SettingsSnapshot",
@@ -31,6 +33,9 @@ MODES: Final = ("asyncio", "threading")
 
 #: Where asyncio-mode steps run when the calling thread already runs an event loop.
 LOOP_POLICIES: Final = ("auto", "background")
+
+#: What a parallel step does when agents fail.
+ERROR_POLICIES: Final = ("raise", "collect")
 
 #: Default size of the library's thread pool.
 #:
@@ -66,6 +71,10 @@ class SettingsSnapshot:
         run_sync_inline: In asyncio mode, run agents without an async method on the
             event loop itself instead of in the thread pool.
         loop: ``"auto"`` or ``"background"``; see :attr:`Settings.loop`.
+        on_error: ``"raise"`` or ``"collect"``; see :attr:`Settings.on_error`.
+        timeout: Seconds each agent may take, or None.
+        rate_limit: Most agent starts per second, or None.
+        progress: Show a progress bar during parallel steps.
     """
 
     mode: Mode = "asyncio"
@@ -74,6 +83,10 @@ class SettingsSnapshot:
     parallel_methods: frozenset[str | Callable[..., Any]] = frozenset({"step"})
     run_sync_inline: bool = False
     loop: Literal["auto", "background"] = "auto"
+    on_error: Literal["raise", "collect"] = "raise"
+    timeout: float | None = None
+    rate_limit: float | None = None
+    progress: bool = False
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool) -> int | None:
@@ -142,6 +155,28 @@ def _validate_loop(value: object) -> str:
     return _check_choice("loop", value, LOOP_POLICIES)
 
 
+def _validate_on_error(value: object) -> str:
+    return _check_choice("on_error", value, ERROR_POLICIES)
+
+
+def _positive_seconds(name: str, unit: str) -> Callable[[object], float | None]:
+    def check(value: object) -> float | None:
+        if value is None:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise TypeError(
+                f"{name} must be a positive number of {unit} or None, "
+                f"got {value!r} ({type(value).__name__})"
+            )
+        if not math.isfinite(value) or value <= 0:
+            raise ValueError(
+                f"{name} must be a positive, finite number of {unit} or None, got {value!r}"
+            )
+        return float(value)
+
+    return check
+
+
 def _default_max_workers() -> int:
     raw = os.environ.get("MESA_LLM_PARALLEL_MAX_WORKERS")
     if raw is None:
@@ -162,6 +197,10 @@ _VALIDATORS: Final[Mapping[str, Callable[[object], Any]]] = {
     "parallel_methods": _validate_parallel_methods,
     "run_sync_inline": _validate_bool("run_sync_inline"),
     "loop": _validate_loop,
+    "on_error": _validate_on_error,
+    "timeout": _positive_seconds("timeout", "seconds"),
+    "rate_limit": _positive_seconds("rate_limit", "agent starts per second"),
+    "progress": _validate_bool("progress"),
 }
 
 
@@ -197,6 +236,20 @@ class Settings:
             that loop through nest-asyncio2, or a background loop thread where it
             cannot be patched. ``"background"``: always run asyncio steps on the
             library's background loop thread.
+        on_error: ``"raise"`` (default): when an agent fails, no further agent starts,
+            every agent already started finishes, and the first failure in start
+            order is raised as its own type, with the others attached.
+            ``"collect"``: every agent runs; failures are recorded in the step report
+            (:func:`~mesa_llm_parallel.last_step_report`) and logged once per step.
+        timeout: Seconds each agent may take (None: no limit). An async agent that
+            overruns is cancelled; an agent running in a thread cannot be stopped, so it
+            is reported and the step stops waiting for it. A timeout is a failure
+            (:class:`TimeoutError`) and follows ``on_error``.
+        rate_limit: Most agent starts per second, across all parallel steps of the
+            process (None: no limit). Starts are spaced evenly, without bursts, so a
+            step stays within a model server's request quota.
+        progress: Show a progress bar (tqdm's notebook widget or terminal bar) during
+            parallel steps (default False).
     """
 
     __slots__ = ("_current", "_lock")

@@ -23,8 +23,8 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from mesa_llm_parallel import _loops, _patch
-from mesa_llm_parallel._agentsets import shuffled_members
-from mesa_llm_parallel._engine import pool, run_step_async, run_step_sync
+from mesa_llm_parallel._agentsets import first_agent, shuffled_members
+from mesa_llm_parallel._engine import Step, model_of, pool, run_step_in_loop, run_step_sync
 from mesa_llm_parallel._settings import Mode, settings
 
 __all__ = [
@@ -104,8 +104,11 @@ async def step_agents_parallel(
     Raises:
         Exception: The first failure in start order, after every started agent finished.
     """
-    outcome = await run_step_async(list(agents), None, method, args, kwargs, settings.snapshot())
-    outcome.raise_first_failure()
+    agents = list(agents)
+    cfg = settings.snapshot()
+    await run_step_in_loop(
+        Step(agents, None, method, args, kwargs, cfg, "asyncio"), model_of(agents)
+    )
 
 
 def step_agents_parallel_sync(
@@ -116,7 +119,9 @@ def step_agents_parallel_sync(
     Works with or without a running event loop in the calling thread; see
     :doc:`/how-it-works` for which loop is used.
     """
-    run_step_sync(list(agents), None, method, args, kwargs, settings.snapshot(), mode="asyncio")
+    agents = list(agents)
+    cfg = settings.snapshot()
+    run_step_sync(Step(agents, None, method, args, kwargs, cfg, "asyncio"), model_of(agents))
 
 
 def step_agents_multithreaded(
@@ -127,7 +132,9 @@ def step_agents_multithreaded(
     Agents with only ``async def a<method>`` run it on their worker thread's own
     persistent event loop.
     """
-    run_step_sync(list(agents), None, method, args, kwargs, settings.snapshot(), mode="threading")
+    agents = list(agents)
+    cfg = settings.snapshot()
+    run_step_sync(Step(agents, None, method, args, kwargs, cfg, "threading"), model_of(agents))
 
 
 async def ashuffle_do[S](
@@ -144,9 +151,10 @@ async def ashuffle_do[S](
             f"ashuffle_do needs a Mesa agent set (model.agents, agents_by_type[...], "
             f"AgentSet), got {type(agentset).__name__}; use step_agents_parallel for a list"
         )
+    model = getattr(first_agent(agentset), "model", None)
     entries, resolve = shuffled_members(agentset)
-    outcome = await run_step_async(entries, resolve, method, args, kwargs, settings.snapshot())
-    outcome.raise_first_failure()
+    step = Step(entries, resolve, method, args, kwargs, settings.snapshot(), "asyncio")
+    await run_step_in_loop(step, model)
     return agentset
 
 

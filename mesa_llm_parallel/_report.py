@@ -1,0 +1,159 @@
+"""What happened in a parallel step: the step report and the step-end callbacks.
+
+Core objects: :class:`StepReport` (one per parallel step, frozen), :class:`AgentFailure`,
+:func:`last_step_report`, :func:`add_step_callback` / :func:`remove_step_callback`.
+
+A model's latest report is kept on the model itself, never in module state: a report
+refers to failing agents and their exceptions, and a module-level table would keep the
+model alive after ``del model``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+__all__ = [
+    "AgentFailure",
+    "StepReport",
+    "add_step_callback",
+    "last_step_report",
+    "remove_step_callback",
+]
+
+logger = logging.getLogger("mesa_llm_parallel")
+
+_REPORT_ATTRIBUTE = "_mesa_llm_parallel_last_report"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class AgentFailure:
+    """One agent's failure in a parallel step.
+
+    Attributes:
+        agent: The agent that failed.
+        exception: What it raised; a :class:`TimeoutError` when it ran out of time.
+        position: Its place in the step's start order (0 = started first).
+        timed_out: Whether it was stopped (or, in a thread, abandoned) by ``timeout``.
+    """
+
+    agent: Any
+    exception: BaseException
+    position: int
+    timed_out: bool = False
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepReport:
+    """The figures of one parallel step.
+
+    Attributes:
+        mode: ``"asyncio"`` or ``"threading"``.
+        agents: How many agents the step was asked to run.
+        started: How many of them started.
+        completed: How many finished without an exception.
+        skipped: How many were skipped (removed from the set before their turn).
+        failures: Every failure, in start order (timeouts included).
+        wall_time: Seconds from the start of the step to its end.
+        busy_time: Seconds spent inside agents, summed over all agents.
+        peak_in_flight: The most agents in flight at once.
+        pool_size: The thread-pool size the step used (``max_workers``).
+        max_concurrency: The concurrency cap the step used, or None.
+        interrupted: Whether the step was interrupted or cancelled before it finished.
+    """
+
+    mode: str
+    agents: int
+    started: int
+    completed: int
+    skipped: int
+    failures: tuple[AgentFailure, ...]
+    wall_time: float
+    busy_time: float
+    peak_in_flight: int
+    pool_size: int
+    max_concurrency: int | None
+    interrupted: bool = False
+
+    @property
+    def timed_out(self) -> tuple[AgentFailure, ...]:
+        """The failures that were timeouts."""
+        return tuple(f for f in self.failures if f.timed_out)
+
+    @property
+    def not_started(self) -> int:
+        """Agents that never started: after a failure with ``on_error="raise"``, or an interrupt."""
+        return self.agents - self.started - self.skipped
+
+    @property
+    def speedup(self) -> float:
+        """Summed agent time over wall time: how many agents' worth of work overlapped."""
+        return self.busy_time / self.wall_time if self.wall_time > 0 else 0.0
+
+    def summary(self) -> str:
+        """One line for logs and status displays."""
+        parts = [
+            f"{self.completed}/{self.agents} agents completed",
+            f"{len(self.failures)} failed"
+            + (f" ({len(self.timed_out)} timed out)" if self.timed_out else ""),
+            f"{self.wall_time * 1000:.1f} ms",
+            f"speedup {self.speedup:.1f}x",
+            f"peak {self.peak_in_flight} in flight",
+            f"{self.mode}, pool {self.pool_size}",
+        ]
+        if self.interrupted:
+            parts.append("interrupted")
+        return ", ".join(parts)
+
+
+def last_step_report(model: Any) -> StepReport | None:
+    """The report of ``model``'s most recent parallel step, or None before any."""
+    return getattr(model, _REPORT_ATTRIBUTE, None)
+
+
+def store_report(model: Any, report: StepReport) -> None:
+    """Keep ``report`` as ``model``'s latest (on the model itself)."""
+    with contextlib.suppress(AttributeError):  # a model with __slots__: no report, no error
+        setattr(model, _REPORT_ATTRIBUTE, report)
+
+
+StepCallback = Callable[[Any, StepReport], object]
+
+_callbacks_lock = threading.Lock()
+_callbacks: tuple[StepCallback, ...] = ()
+
+
+def add_step_callback(callback: StepCallback) -> StepCallback:
+    """Call ``callback(model, report)`` after every parallel step; return it.
+
+    Callbacks run in the thread that ran the step, right after it, in the order they
+    were added. An exception in a callback is logged and does not affect the step.
+    The library keeps a strong reference to the callback until
+    :func:`remove_step_callback`: a bound method keeps its object alive until then.
+    """
+    global _callbacks  # noqa: PLW0603 - replaced as a whole: readers never lock
+    if not callable(callback):
+        raise TypeError(f"step callback must be callable, got {callback!r}")
+    with _callbacks_lock:
+        _callbacks = (*_callbacks, callback)
+    return callback
+
+
+def remove_step_callback(callback: StepCallback) -> None:
+    """Stop calling ``callback``; does nothing if it was not added."""
+    global _callbacks  # noqa: PLW0603
+    with _callbacks_lock:
+        _callbacks = tuple(c for c in _callbacks if c != callback)
+
+
+def run_callbacks(model: Any, report: StepReport) -> None:
+    """Call every step callback; log, never raise, their exceptions."""
+    for callback in _callbacks:
+        try:
+            callback(model, report)
+        except Exception:
+            logger.exception("mesa_llm_parallel: step callback %r failed", callback)
