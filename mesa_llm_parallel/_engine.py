@@ -233,8 +233,12 @@ class Step:
         error: BaseException | None = None,
         *,
         timed_out: bool = False,
+        abandoned: bool = False,
     ) -> None:
-        """Record the end of the agent at ``position`` and give up its turn."""
+        """Record the end of the agent at ``position`` and give up its turn.
+
+        ``abandoned``: the agent timed out in a thread that is still running it.
+        """
         elapsed = time.perf_counter() - started
         with self.lock:
             self.in_flight -= 1
@@ -247,7 +251,10 @@ class Step:
                     self.stop = True
             if self.progress is not None:
                 self.progress.update(1)
-        _clear_turn(agent)
+        if not (timed_out and abandoned):
+            _clear_turn(agent, self.turns)
+        # else: the agent still runs in its thread; its slot stays, with its turn passed,
+        # so that a late ``in_turn`` from it is refused instead of silently applied.
         self.turns.pass_turn(position)
 
     # -- the end ----------------------------------------------------------------------
@@ -295,9 +302,12 @@ class Step:
         return report
 
 
-def _clear_turn(agent: Any) -> None:
-    with contextlib.suppress(AttributeError):
-        delattr(agent, TURN_ATTRIBUTE)
+def _clear_turn(agent: Any, turns: Turnstile) -> None:
+    """Forget the agent's turn in this step, unless a later step has given it a new one."""
+    slot = getattr(agent, TURN_ATTRIBUTE, None)
+    if slot is not None and slot[0] is turns:
+        with contextlib.suppress(AttributeError):
+            delattr(agent, TURN_ATTRIBUTE)
 
 
 def _progress_bar(total: int, mode: str) -> Any:
@@ -386,13 +396,16 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                         await awaitable
             except Exception as exc:
                 if deadline is not None and deadline.expired():
-                    error = _timeout_error(agent, timeout, in_thread=kind == _POOL)  # type: ignore[arg-type]
+                    in_thread = kind == _POOL
+                    error = _timeout_error(agent, timeout, in_thread=in_thread)  # type: ignore[arg-type]
                     error.__cause__ = exc
-                    step.finish(position, agent, started, error, timed_out=True)
+                    step.finish(
+                        position, agent, started, error, timed_out=True, abandoned=in_thread
+                    )
                 else:
                     step.finish(position, agent, started, exc)
             except BaseException:
-                _clear_turn(agent)
+                _clear_turn(agent, step.turns)
                 raise
             else:
                 step.finish(position, agent, started)
@@ -451,7 +464,7 @@ def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
             abandoned = me.abandoned
             me.agent = None
         if abandoned:  # the caller already reported it as timed out and moved on
-            _clear_turn(agent)
+            _clear_turn(agent, step.turns)
             return
         step.finish(position, agent, started, error, timed_out=timed_out)
         del agent
@@ -565,7 +578,7 @@ def _wait_with_timeouts(
         for future, _runner, agent, position, started in overdue:
             pending.discard(future)
             error = _timeout_error(agent, timeout, in_thread=True)
-            step.finish(position, agent, started, error, timed_out=True)
+            step.finish(position, agent, started, error, timed_out=True, abandoned=True)
             if not step.stop:
                 new_future, new_runner = _start_spare_runner(step, dispatch)
                 running[new_future] = new_runner

@@ -208,13 +208,13 @@ def shared_lock(obj: Any) -> threading.RLock:
     thread and need no lock among themselves.
     """
     with _shared_locks_guard:
-        lock = _shared_locks.get(obj)
-        if lock is None:
-            try:
+        try:
+            lock = _shared_locks.get(obj)
+            if lock is None:
                 lock = _shared_locks[obj] = threading.RLock()
-            except TypeError:
-                raise TypeError(
-                    f"shared_lock needs an object that supports weak references, got "
-                    f"{type(obj).__name__}"
-                ) from None
+        except TypeError:
+            raise TypeError(
+                f"shared_lock needs an object that supports weak references, got "
+                f"{type(obj).__name__}"
+            ) from None
         return lock
