@@ -32,6 +32,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Final
 
+from mesa_llm_parallel import _recovery as recovery
 from mesa_llm_parallel._loops import _run_until_complete, run_coroutine_sync, thread_loop
 from mesa_llm_parallel._ordering import TURN_ATTRIBUTE, Turnstile
 from mesa_llm_parallel._pool import ResizablePool, _mark_pool_thread, is_pool_thread
@@ -590,34 +591,44 @@ def run_step_sync(step: Step, model: Any) -> StepReport:
     """Run ``step`` from synchronous code in its mode; close it and return its report.
 
     Raises the first failure (``on_error="raise"``) after the report is stored, and
-    re-raises an interrupt after marking the report as interrupted.
+    re-raises an interrupt after marking the report as interrupted. Either way the
+    model is prepared to keep stepping (see :mod:`mesa_llm_parallel._recovery`).
     """
     try:
-        if step.mode == "threading":
-            run_step_threaded(step)
-        else:
-            # Decided here, in the calling thread: the step itself may run on another
-            # thread's loop (the background loop), where the answer would be wrong.
-            nested = is_pool_thread()
-            run_coroutine_sync(
-                lambda: run_step_async(step, nested=nested), loop_policy=step.cfg.loop
-            )
+        try:
+            if step.mode == "threading":
+                run_step_threaded(step)
+            else:
+                # Decided here, in the calling thread: the step itself may run on another
+                # thread's loop (the background loop), where the answer would be wrong.
+                nested = is_pool_thread()
+                run_coroutine_sync(
+                    lambda: run_step_async(step, nested=nested), loop_policy=step.cfg.loop
+                )
+        except BaseException:
+            step.close(model, interrupted=True)
+            raise
+        return _close_and_raise(step, model)
     except BaseException:
-        step.close(model, interrupted=True)
+        recovery.arm(model)
         raise
-    report = step.close(model)
-    if step.cfg.on_error == "raise":
-        raise_failures(report)
-    return report
 
 
 async def run_step_in_loop(step: Step, model: Any) -> StepReport:
     """Run ``step`` on the running loop (nothing nested); close it; return its report."""
     try:
-        await run_step_async(step)
+        try:
+            await run_step_async(step)
+        except BaseException:
+            step.close(model, interrupted=True)
+            raise
+        return _close_and_raise(step, model)
     except BaseException:
-        step.close(model, interrupted=True)
+        recovery.arm(model)
         raise
+
+
+def _close_and_raise(step: Step, model: Any) -> StepReport:
     report = step.close(model)
     if step.cfg.on_error == "raise":
         raise_failures(report)

@@ -12,7 +12,6 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from mesa_llm_parallel import _recovery as recovery
 from mesa_llm_parallel._agentsets import first_agent, patchable_classes, shuffled_members
 from mesa_llm_parallel._engine import Step, run_step_sync
 from mesa_llm_parallel._settings import SettingsSnapshot
@@ -51,12 +50,7 @@ def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[...,
         if not getattr(model, "parallel_stepping", False):
             return original(self, method, *args, **kwargs)
         entries, resolve = shuffled_members(self)
-        step = Step(entries, resolve, method, args, kwargs, cfg, cfg.mode)
-        try:
-            run_step_sync(step, model)
-        except BaseException:
-            recovery.arm(model)
-            raise
+        run_step_sync(Step(entries, resolve, method, args, kwargs, cfg, cfg.mode), model)
         return self
 
     setattr(shuffle_do, _MARK, original)

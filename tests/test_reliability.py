@@ -613,3 +613,17 @@ def test_shared_lock_is_one_lock_per_object_and_guards_threads():
     assert mlp.shared_lock(model) is not mlp.shared_lock(ToyModel(0))
     with pytest.raises(TypeError, match="weak references"):
         mlp.shared_lock(3)
+
+
+def test_model_stepping_manually_also_steps_again_after_a_failure():
+    class Manual(ToyModel):
+        def step(self):
+            mlp.step_agents_parallel_sync(list(self.agents))
+
+    model = Manual(3, Counting)
+    model.fail_once = True
+    with pytest.raises(ValueError, match="model server"):
+        model.step()
+    before = [a.steps for a in model.agents]
+    model.step()
+    assert [a.steps for a in model.agents] == [n + 1 for n in before]
