@@ -42,6 +42,21 @@ from mesa_llm_parallel.parallel_stepping import (
 
 __version__ = "0.1.0"
 
+
+def load_ipython_extension(ipython: object) -> None:
+    """``%load_ext mesa_llm_parallel``: register the ``%parallel_stepping`` magic."""
+    from mesa_llm_parallel import magic
+
+    magic.load_ipython_extension(ipython)
+
+
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext mesa_llm_parallel``: remove the magic and uninstall the patch."""
+    from mesa_llm_parallel import magic
+
+    magic.unload_ipython_extension(ipython)
+
+
 __all__ = [
     "DEFAULT_MAX_WORKERS",
     "ERROR_POLICIES",

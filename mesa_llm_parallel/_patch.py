@@ -47,7 +47,7 @@ def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[...,
         agent = first_agent(self)
         model = getattr(agent, "model", None)
         del agent
-        if not getattr(model, "parallel_stepping", False):
+        if model is None or not getattr(model, "parallel_stepping", cfg.parallel_by_default):
             return original(self, method, *args, **kwargs)
         entries, resolve = shuffled_members(self)
         run_step_sync(Step(entries, resolve, method, args, kwargs, cfg, cfg.mode), model)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import threading
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -115,10 +116,22 @@ def last_step_report(model: Any) -> StepReport | None:
     return getattr(model, _REPORT_ATTRIBUTE, None)
 
 
+_last_model: weakref.ref[Any] | None = None
+
+
 def store_report(model: Any, report: StepReport) -> None:
     """Keep ``report`` as ``model``'s latest (on the model itself)."""
+    global _last_model  # noqa: PLW0603 - a weak reference: never keeps a model alive
     with contextlib.suppress(AttributeError):  # a model with __slots__: no report, no error
         setattr(model, _REPORT_ATTRIBUTE, report)
+    with contextlib.suppress(TypeError):
+        _last_model = weakref.ref(model)
+
+
+def last_stepped_model() -> Any:
+    """The model of the most recent parallel step in the process, if it still exists."""
+    ref = _last_model
+    return None if ref is None else ref()
 
 
 StepCallback = Callable[[Any, StepReport], object]

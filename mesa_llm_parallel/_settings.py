@@ -75,6 +75,7 @@ class SettingsSnapshot:
         timeout: Seconds each agent may take, or None.
         rate_limit: Most agent starts per second, or None.
         progress: Show a progress bar during parallel steps.
+        parallel_by_default: Step in parallel models that do not set ``parallel_stepping``.
     """
 
     mode: Mode = "asyncio"
@@ -87,6 +88,7 @@ class SettingsSnapshot:
     timeout: float | None = None
     rate_limit: float | None = None
     progress: bool = False
+    parallel_by_default: bool = False
 
 
 def _check_positive_int(name: str, value: object, *, allow_none: bool) -> int | None:
@@ -201,6 +203,7 @@ _VALIDATORS: Final[Mapping[str, Callable[[object], Any]]] = {
     "timeout": _positive_seconds("timeout", "seconds"),
     "rate_limit": _positive_seconds("rate_limit", "agent starts per second"),
     "progress": _validate_bool("progress"),
+    "parallel_by_default": _validate_bool("parallel_by_default"),
 }
 
 
@@ -250,6 +253,10 @@ class Settings:
             step stays within a model server's request quota.
         progress: Show a progress bar (tqdm's notebook widget or terminal bar) during
             parallel steps (default False).
+        parallel_by_default: Whether a model that has no ``parallel_stepping``
+            attribute steps in parallel (default False: only models that set
+            ``parallel_stepping = True`` do). A model that sets ``parallel_stepping =
+            False`` always opts out. ``%parallel_stepping on`` with no model named sets it.
     """
 
     __slots__ = ("_current", "_lock")
