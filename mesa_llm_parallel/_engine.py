@@ -29,13 +29,13 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
 from mesa_llm_parallel._loops import _run_until_complete, run_coroutine_sync, thread_loop
 from mesa_llm_parallel._ordering import TURN_ATTRIBUTE, Turnstile
-from mesa_llm_parallel._pool import ResizablePool, _mark_pool_thread, is_pool_thread
+from mesa_llm_parallel._pool import ResizablePool, WorkerPool, _mark_pool_thread, is_pool_thread
 from mesa_llm_parallel._ratelimit import limiter
 from mesa_llm_parallel._report import (
     AgentFailure,
@@ -125,26 +125,6 @@ def _make_call(
     return call
 
 
-class _OneShot:
-    """A pool job that lets go of what it runs before the pool learns it is done.
-
-    A ``ThreadPoolExecutor`` worker still holds its work item for a moment after the
-    caller has been told the result; a job holding an agent would keep the model alive
-    past ``del model`` until then. This one drops its references first, and returns
-    nothing, so the work item never refers to an agent or a model.
-    """
-
-    __slots__ = ("_fn",)
-
-    def __init__(self, fn: Callable[[], Any]) -> None:
-        self._fn: Callable[[], Any] | None = fn
-
-    def __call__(self) -> None:
-        fn, self._fn = self._fn, None
-        if fn is not None:
-            fn()
-
-
 def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutError:
     error = TimeoutError(f"agent {agent!r} did not finish within the {seconds:g} s timeout")
     if in_thread:
@@ -208,14 +188,17 @@ class Step:
                 return None
             return position, (limiter.reserve(rate) if rate else 0.0)
 
-    def begin(self, position: int) -> Any:
-        """Resolve the agent at ``position`` and count it as started; None if skipped."""
+    def lookup(self, position: int) -> Any:
+        """The agent at ``position`` if it is still a member; else record the skip, None."""
         agent = self.resolve(self.entries[position])
         if agent is None:
             with self.lock:
                 self.skipped += 1
             self.turns.pass_turn(position)
-            return None
+        return agent
+
+    def start(self, position: int, agent: Any) -> float:
+        """Count ``agent`` as started and in flight; return its start time."""
         with self.lock:
             self.started += 1
             self.in_flight += 1
@@ -224,7 +207,7 @@ class Step:
         # An agent class with __slots__ takes no attribute: in_turn is a no-op for it.
         with contextlib.suppress(AttributeError):
             setattr(agent, TURN_ATTRIBUTE, (self.turns, position))
-        return agent
+        return time.perf_counter()
 
     def finish(
         self,
@@ -362,28 +345,48 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     timeout = cfg.timeout
     call = step.call
     lease: Any = None
-    executor: concurrent.futures.Executor | None = None
+    executor: WorkerPool | None = None
+    # Sync agents start only when a pool worker is free for them: waiting in the pool's
+    # queue would count as running (for timeouts and the report) and would skip the
+    # membership check that Mesa makes right before stepping an agent.
+    workers: asyncio.Semaphore | None = None
 
     async def runner() -> None:
-        nonlocal lease, executor
+        nonlocal lease, executor, workers
         while (claimed := step.claim()) is not None:
             position, delay = claimed
             if delay:
                 await asyncio.sleep(delay)
-            agent = step.begin(position)
+            agent = step.lookup(position)
             if agent is None:
                 continue
-            started = time.perf_counter()
-            kind = _INLINE
-            deadline = None
             try:
                 kind, name = dispatch(agent)
+            except Exception as exc:  # no such method on this agent
+                step.finish(position, agent, step.start(position, agent), exc)
+                continue
+            if kind == _POOL:
+                if workers is None:
+                    workers = asyncio.Semaphore(cfg.max_workers)
+                    lease = pool.lease(cfg.max_workers)
+                    executor = lease.__enter__()
+                await workers.acquire()
+                agent = step.lookup(position)  # removed while waiting for a worker?
+                if agent is None:
+                    workers.release()
+                    continue
+            started = step.start(position, agent)
+            deadline = None
+            worker: _WorkerSlot | None = None
+            job: concurrent.futures.Future[None] | None = None
+            try:
                 if kind == _POOL:
-                    if executor is None:
-                        lease = pool.lease(cfg.max_workers)
-                        executor = lease.__enter__()
-                    job = _OneShot(functools.partial(call, agent, name))
-                    awaitable: Any = loop.run_in_executor(executor, job)
+                    worker = _WorkerSlot(workers, loop)  # type: ignore[arg-type]
+                    job = executor.submit(functools.partial(call, agent, name))  # type: ignore[union-attr]
+                    awaitable: Any = asyncio.wrap_future(job)
+                    # If this step stops waiting (timeout, interrupt), the worker is
+                    # released when its thread really returns.
+                    job.add_done_callback(worker.release_from_thread)
                 elif kind == _AWAIT:
                     awaitable = call(agent, name)
                 else:
@@ -410,7 +413,13 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                 raise
             else:
                 step.finish(position, agent, started)
+            finally:
+                if worker is not None and job is not None and job.done():
+                    worker.release()  # after finish(): the count of agents in flight is exact
 
+    heartbeat = None
+    if threading.current_thread() is threading.main_thread():
+        heartbeat = loop.create_task(_heartbeat())
     try:
         k = min(step.n, cfg.max_concurrency or step.n)
         if k == 1:
@@ -418,10 +427,41 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
         else:
             await asyncio.gather(*[runner() for _ in range(k)])
     finally:
+        if heartbeat is not None:
+            heartbeat.cancel()
         with step.lock:
             step.stop = True
         if lease is not None:
             lease.__exit__(None, None, None)
+
+
+async def _heartbeat() -> None:
+    """Wake the main thread's loop now and then, so that it notices Ctrl-C promptly.
+
+    A process-directed SIGINT may land on a pool worker; the main thread's loop, asleep
+    in ``select`` until its next timer, would raise KeyboardInterrupt only then.
+    """
+    while True:  # noqa: ASYNC110 - a timer, not a wait for a condition
+        await asyncio.sleep(_SIGNAL_CHECK_INTERVAL)
+
+
+class _WorkerSlot:
+    """One sync agent's claim on a pool worker in asyncio mode, released exactly once."""
+
+    __slots__ = ("_loop", "_semaphore")
+
+    def __init__(self, semaphore: asyncio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
+        self._semaphore: asyncio.Semaphore | None = semaphore
+        self._loop = loop
+
+    def release(self) -> None:
+        semaphore, self._semaphore = self._semaphore, None
+        if semaphore is not None:
+            semaphore.release()
+
+    def release_from_thread(self, _: object) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+            self._loop.call_soon_threadsafe(self.release)
 
 
 # -- threading mode -----------------------------------------------------------------
@@ -444,10 +484,10 @@ def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
         position, delay = claimed
         if delay:
             time.sleep(delay)
-        agent = step.begin(position)
+        agent = step.lookup(position)
         if agent is None:
             continue
-        started = time.perf_counter()
+        started = step.start(position, agent)
         with step.lock:
             me.agent, me.position, me.started = agent, position, started
         error: BaseException | None = None
@@ -511,11 +551,11 @@ def run_step_threaded(step: Step) -> None:
         running: dict[concurrent.futures.Future[None], _Runner] = {}
         for _ in range(k):
             runner = _Runner()
-            job = _OneShot(functools.partial(_run_threaded_runner, step, runner, dispatch))
+            job = functools.partial(_run_threaded_runner, step, runner, dispatch)
             running[executor.submit(job)] = runner
         try:
             if cfg.timeout is None:
-                concurrent.futures.wait(running)
+                _wait_interruptibly(running)
             else:
                 _wait_with_timeouts(step, running, dispatch, cfg.timeout)
         except BaseException:
@@ -525,6 +565,18 @@ def run_step_threaded(step: Step) -> None:
     for future in running:
         if future.done():
             future.result()  # only a BaseException escaping a runner can land here
+
+
+#: Longest uninterrupted block of a waiting thread, in seconds. A process-directed
+#: SIGINT (Ctrl-C, a Jupyter interrupt) may be delivered to any thread; the waiting
+#: thread notices it only when it next runs Python code.
+_SIGNAL_CHECK_INTERVAL: Final = 0.1
+
+
+def _wait_interruptibly(futures: Iterable[concurrent.futures.Future[None]]) -> None:
+    pending = set(futures)
+    while pending:
+        _, pending = concurrent.futures.wait(pending, timeout=_SIGNAL_CHECK_INTERVAL)
 
 
 def _start_spare_runner(
@@ -563,7 +615,9 @@ def _wait_with_timeouts(
         now = time.perf_counter()
         with step.lock:
             deadlines = [r.started + timeout for r in running.values() if r.agent is not None]
-        wait_for = max(0.0, min(deadlines) - now) if deadlines else None
+        wait_for = _SIGNAL_CHECK_INTERVAL
+        if deadlines:
+            wait_for = min(wait_for, max(0.0, min(deadlines) - now))
         _, pending = concurrent.futures.wait(
             pending, timeout=wait_for, return_when=concurrent.futures.FIRST_COMPLETED
         )

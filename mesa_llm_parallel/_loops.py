@@ -150,7 +150,13 @@ class _BackgroundLoop:
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
         future = asyncio.run_coroutine_threadsafe(coro, self.loop)
         try:
-            return future.result()
+            # In short waits: a Ctrl-C delivered to another thread is noticed by this
+            # one only when it runs Python code again.
+            while True:
+                try:
+                    return future.result(timeout=0.1)
+                except concurrent.futures.TimeoutError:
+                    continue
         except BaseException:
             if not future.done():
                 future.cancel()

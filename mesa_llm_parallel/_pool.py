@@ -1,26 +1,40 @@
 """The library's thread pool: created lazily, reused across steps, resizable at any time.
 
-Core object: :class:`ResizablePool`.
+Core objects: :class:`WorkerPool` (a fixed-size pool of worker threads) and
+:class:`ResizablePool` (the one the library uses, which swaps pools on resize).
 
-A step *leases* an executor of the size it read from the settings when it started and
-keeps it for its whole duration. When a later step asks for another size, a new
-executor is made and the old one is retired: it is shut down (without waiting) only
-once the last step that leased it has returned. A resize therefore never disturbs a
-step in progress, and retired workers exit as soon as they are idle, so thousands of
-resizes leave no threads behind.
+A step *leases* a pool of the size it read from the settings when it started and keeps
+it for its whole duration. When a later step asks for another size, a new pool is made
+and the old one is retired: it is shut down (without waiting) once the last step that
+leased it has returned. A resize therefore never disturbs a step in progress, and
+retired workers exit as soon as they are idle, so thousands of resizes leave no threads
+behind.
+
+Why not :class:`concurrent.futures.ThreadPoolExecutor`: its workers are joined at
+interpreter exit, so one agent stuck in a call without a timeout would stop a script
+from ever exiting; a KeyboardInterrupt that lands while it starts a worker thread
+leaves that thread uncounted, so the pool grows past its size; and an idle worker
+briefly keeps its last job (an agent, hence a model) alive. These workers are daemon
+threads, registered before they start, and drop each job before reporting its result.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
+import queue
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
 
-__all__ = ["ResizablePool", "is_pool_thread"]
+__all__ = ["ResizablePool", "WorkerPool", "is_pool_thread"]
 
 _THREAD_PREFIX = "mesa-llm-parallel-worker"
+_thread_numbers = itertools.count(1)
 _pool_threads = threading.local()
+
+_Job = tuple[Future[Any], Callable[[], Any]]
 
 
 def _mark_pool_thread() -> None:
@@ -32,45 +46,120 @@ def is_pool_thread() -> bool:
     return getattr(_pool_threads, "inside", False)
 
 
-class _Entry:
-    __slots__ = ("executor", "retired", "size", "users")
+class WorkerPool:
+    """At most ``size`` daemon worker threads, started on demand, running submitted jobs."""
 
     def __init__(self, size: int) -> None:
         self.size = size
+        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._threads: set[threading.Thread] = set()
+        self._idle = 0  # workers waiting for a job that no submit has claimed yet
+        self._shutdown = False
+
+    def submit(self, fn: Callable[[], Any]) -> Future[Any]:
+        """Run ``fn()`` on a worker; return the future of its result."""
+        future: Future[Any] = Future()
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot submit to a worker pool that has been shut down")
+            self._jobs.put((future, fn))
+            if self._idle:
+                self._idle -= 1  # that worker will take this job
+            elif len(self._threads) < self.size:
+                thread = threading.Thread(
+                    target=self._work, name=f"{_THREAD_PREFIX}-{next(_thread_numbers)}", daemon=True
+                )
+                # Registered before it starts: an interrupt during start() cannot make
+                # the pool lose count of it.
+                self._threads.add(thread)
+                thread.start()
+        return future
+
+    def alive(self) -> int:
+        """How many of the pool's threads are still running."""
+        with self._lock:
+            return sum(thread.is_alive() for thread in self._threads)
+
+    def shutdown(self, *, wait: bool = False) -> None:
+        """Let every worker exit once the jobs already submitted are done."""
+        with self._lock:
+            self._shutdown = True
+            threads = list(self._threads)
+        for _ in threads:
+            self._jobs.put(None)
+        if wait:
+            current = threading.current_thread()
+            for thread in threads:
+                if thread is not current:
+                    thread.join()
+
+    def _work(self) -> None:
+        _mark_pool_thread()
+        me = threading.current_thread()
+        try:
+            while True:
+                try:
+                    item = self._jobs.get_nowait()
+                except queue.Empty:
+                    with self._lock:
+                        self._idle += 1
+                    item = self._jobs.get()
+                if item is None:
+                    return
+                future, fn = item
+                del item
+                if future.set_running_or_notify_cancel():
+                    try:
+                        result = fn()
+                    except BaseException as exc:  # handed to whoever waits for the job
+                        del fn
+                        future.set_exception(exc)
+                    else:
+                        del fn
+                        future.set_result(result)
+                del future
+        finally:
+            with self._lock:
+                self._threads.discard(me)
+
+
+class _Entry:
+    __slots__ = ("pool", "retired", "users")
+
+    def __init__(self, size: int) -> None:
+        self.pool = WorkerPool(size)
         self.users = 0
         self.retired = False
-        self.executor = ThreadPoolExecutor(
-            max_workers=size, thread_name_prefix=_THREAD_PREFIX, initializer=_mark_pool_thread
-        )
 
 
 class ResizablePool:
     """A thread pool whose size can change between steps.
 
     Use :meth:`lease` for the duration of a step; read :attr:`size` for the size of the
-    executor the next step will get (None before the first step).
+    pool the next step will get (None before the first step).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._current: _Entry | None = None
-        # Executors shut down without waiting, kept so that shutdown(wait=True) can
-        # join their threads; pruned once those threads have exited.
-        self._retired: list[ThreadPoolExecutor] = []
+        # Pools shut down without waiting, kept so that shutdown(wait=True) can join
+        # their threads; pruned once those threads have exited.
+        self._retired: list[WorkerPool] = []
 
     @property
     def size(self) -> int | None:
-        """The size of the current executor, or None when none has been created."""
+        """The size of the current pool, or None when none has been created."""
         entry = self._current
-        return None if entry is None else entry.size
+        return None if entry is None else entry.pool.size
 
     @contextlib.contextmanager
-    def lease(self, size: int) -> Iterator[ThreadPoolExecutor]:
-        """Yield an executor with ``size`` workers, kept alive until the block ends."""
+    def lease(self, size: int) -> Iterator[WorkerPool]:
+        """Yield a pool of ``size`` workers, kept alive until the block ends."""
         retired: _Entry | None = None
         with self._lock:
             entry = self._current
-            if entry is None or entry.size != size:
+            if entry is None or entry.pool.size != size:
                 if entry is not None:
                     entry.retired = True
                     if entry.users == 0:
@@ -78,26 +167,29 @@ class ResizablePool:
                 entry = self._current = _Entry(size)
             entry.users += 1
         if retired is not None:
-            self._retire(retired.executor)
+            self._retire(retired.pool)
         try:
-            yield entry.executor
+            yield entry.pool
         finally:
             with self._lock:
                 entry.users -= 1
                 done = entry.retired and entry.users == 0
             if done:
-                self._retire(entry.executor)
+                self._retire(entry.pool)
 
-    def _retire(self, executor: ThreadPoolExecutor) -> None:
-        executor.shutdown(wait=False)
+    def _retire(self, pool: WorkerPool) -> None:
+        pool.shutdown(wait=False)
         with self._lock:
-            self._retired = [
-                old for old in self._retired if any(t.is_alive() for t in old._threads)
-            ]
-            self._retired.append(executor)
+            self._retired = [old for old in self._retired if old.alive()]
+            self._retired.append(pool)
 
     def shutdown(self, *, wait: bool = True) -> None:
-        """Retire the current executor; its threads exit once no step uses them."""
+        """Retire the current pool; its threads exit once no step uses them.
+
+        With ``wait``, also wait for the threads of every idle retired pool to exit.
+        Threads still running an agent that timed out are waited for too: call it when
+        no step is running.
+        """
         with self._lock:
             entry, self._current = self._current, None
             retired, self._retired = self._retired, []
@@ -106,7 +198,7 @@ class ResizablePool:
                 entry.retired = True
                 idle = entry.users == 0
         if entry is not None and idle:
-            entry.executor.shutdown(wait=wait)
+            entry.pool.shutdown(wait=wait)
         if wait:
-            for executor in retired:
-                executor.shutdown(wait=True)
+            for pool in retired:
+                pool.shutdown(wait=True)

@@ -317,7 +317,8 @@ def test_ctrl_c_interrupts_the_step_and_the_next_step_runs_every_agent(mode):
     model.tracker.starts.clear()
     model.step()  # Mesa would not step this model again without recovery
     assert sorted(model.tracker.starts) == sorted(a.unique_id for a in model.agents)
-    assert threading.active_count() <= threads_before + 4
+    names = [t.name for t in threading.enumerate()]
+    assert threading.active_count() <= threads_before + 4, names
 
 
 def test_cancelling_an_awaiting_caller_cancels_the_agents():

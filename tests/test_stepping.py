@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import threading
+import time
 import weakref
 
 import mesa
@@ -430,3 +431,44 @@ def test_a_loop_that_cannot_be_re_entered_falls_back_to_the_background_thread():
     assert path == "background"
     assert len(model.tracker.starts) == 6
     assert not getattr(ForeignLoop, "_nest_patched", False)
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_agent_removed_while_waiting_for_a_worker_is_skipped(mode):
+    # More sync agents than workers: the first ones remove all the others while those
+    # wait for a worker. Mesa would skip them; so must both modes.
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=2)
+    ran_after_removal = []
+
+    class Remover(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+            self.removed = False
+
+        def step(self):
+            if self.removed:
+                ran_after_removal.append(self.unique_id)
+            time.sleep(0.01)
+            for other in list(self.model.agents):
+                if other is not self:
+                    other.removed = True
+                    other.remove()
+
+    model = ToyModel(10, Remover)
+    model.step()
+    report = mlp.last_step_report(model)
+    assert ran_after_removal == []
+    assert report.started + report.skipped == 10
+    assert report.skipped >= 8
+    assert report.peak_in_flight <= 2
+
+
+def test_sync_agents_in_asyncio_mode_time_out_from_their_real_start():
+    # 6 agents of 30 ms on 2 workers: the last ones wait ~60 ms for a worker, which
+    # must not count against their 50 ms timeout.
+    mlp.enable_automatic_parallel_stepping(max_workers=2, timeout=0.05)
+    model = ToyModel(6, SyncAgent, delay=0.03)
+    model.step()
+    report = mlp.last_step_report(model)
+    assert (report.completed, report.failures) == (6, ())
+    assert report.peak_in_flight == 2

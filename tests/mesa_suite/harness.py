@@ -9,7 +9,10 @@ with :mod:`patch_plugin` (next to this file) loaded through ``-p``.
 
 Also a command-line tool, e.g. for the run with parallel stepping on for every model::
 
-    MESA_LLM_PARALLEL_FORCE_ON=1 .venv/bin/python tests/mesa_suite/harness.py --no-stop-first
+    .venv/bin/python tests/mesa_suite/harness.py --force-on --mode threading --no-stop-first
+
+With ``--force-on`` it also says which failures are known (listed in
+``flag_on_failures.py``, next to this file) and which are not.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import tarfile
 import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 HERE = Path(__file__).resolve().parent
@@ -39,6 +43,8 @@ CACHE_ENV = "MESA_SUITE_CACHE_DIR"
 FORCE_ON_ENV = "MESA_LLM_PARALLEL_FORCE_ON"
 MODE_ENV = "MESA_LLM_PARALLEL_MODE"
 REPORT_ENV = "MESA_SUITE_REPORT"
+#: The modes of parallel stepping, for the runs with the flag on.
+MODES = ("asyncio", "threading")
 
 #: The agent-set tests: they must always run (44 tests in Mesa 3.5.1).
 AGENTSET_TESTS = ("tests/test_agentset.py", "tests/test_agent.py", "tests/test_model.py")
@@ -95,6 +101,13 @@ class Exclusion:
         if not self.unless_importable:
             return True
         return not all(importlib.util.find_spec(name) for name in self.unless_importable)
+
+    def covers(self, test: str) -> bool:
+        """Whether the test id ``test`` is among the tests left out."""
+        if self.option == "--ignore":
+            path = test.partition("::")[0]
+            return path == self.target or path.startswith(f"{self.target}/")
+        return test == self.target
 
 
 EXCLUSIONS = (
@@ -153,6 +166,31 @@ class SuiteRun:
     def tail(self, lines: int = 60) -> str:
         """The last lines of the run's output, for an assertion message."""
         return "\n".join(self.output.splitlines()[-lines:])
+
+    @property
+    def failed_tests(self) -> list[str]:
+        """The ids of the tests that failed or errored, as the plugin recorded them."""
+        if self.report is None:
+            return []
+        return sorted({test for test, _phase in self.report.get("failed", [])})
+
+
+def _load_sibling(name: str) -> ModuleType:
+    """Import a module of this folder by path (this folder is not a package)."""
+    qualified = f"_mesa_suite_{name}"
+    if qualified in sys.modules:
+        return sys.modules[qualified]
+    spec = importlib.util.spec_from_file_location(qualified, HERE / f"{name}.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[qualified] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+#: The known failures with the flag on: ``flag_on_failures.py``.
+flag_on_failures = _load_sibling("flag_on_failures")
 
 
 def mesa_version() -> str:
@@ -306,7 +344,7 @@ def run_suite(
     Args:
         selection: Paths or test ids relative to the suite folder.
         force_on: Set ``mesa.Model.parallel_stepping = True`` for every model.
-        mode: ``asyncio`` or ``threading`` for the forced run (default: asyncio).
+        mode: One of :data:`MODES` for the forced run (default: asyncio).
         stop_first: Pass ``-x`` (stop at the first failure).
         extra_args: More pytest arguments.
         suite: The suite folder (default: :func:`fetch_suite`).
@@ -355,7 +393,8 @@ def run_suite(
         returncode = -1
         output = f"{exc.stdout or ''}{exc.stderr or ''}\nno result within {RUN_TIMEOUT_S} s"
     label = {AGENTSET_TESTS: "agentset", WHOLE_SUITE: "whole"}.get(tuple(selection), "custom")
-    log = suite.parent / f"last-run-{label}{'-force-on' if force_on else ''}.log"
+    flag = f"-force-on-{mode or 'asyncio'}" if force_on else ""
+    log = suite.parent / f"last-run-{label}{flag}.log"
     log.write_text(f"$ {' '.join(command)}\n{output}", encoding="utf-8")
     findings = None
     if report.is_file():
@@ -378,7 +417,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         default=os.environ.get(FORCE_ON_ENV, "") == "1",
         help=f"parallel stepping on for every model (also ${FORCE_ON_ENV}=1)",
     )
-    parser.add_argument("--mode", default=os.environ.get(MODE_ENV), help="asyncio or threading")
+    parser.add_argument(
+        "--mode", default=os.environ.get(MODE_ENV), choices=MODES, help="default: asyncio"
+    )
     parser.add_argument("--no-stop-first", action="store_true", help="do not pass -x")
     parser.add_argument("pytest_args", nargs="*", help="more pytest arguments (after --)")
     args = parser.parse_args(argv)
@@ -397,6 +438,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"exit code {run.returncode}; counts {run.counts}; log {run.log}")
     for exclusion in run.excluded:
         print(f"excluded {exclusion.target}: {exclusion.reason}")
+    if args.force_on:
+        known = flag_on_failures.known_failures(args.mode or "asyncio")
+        for test in run.failed_tests:
+            print(f"failed {test}: " + (f"known: {known[test]}" if test in known else "NOT KNOWN"))
     return run.returncode
 
 

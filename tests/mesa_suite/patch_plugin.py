@@ -16,6 +16,8 @@ on ``PYTHONPATH``). It:
   is only reported; one that leaves it replaced is reported, the patch is put back for
   the remaining tests, and the session fails;
 * offers ``--mesa-suite-deselect NODEID``, an exact-match ``--deselect``;
+* records every failing test report (call, setup, teardown or collection), so the
+  harness can tell which tests failed without parsing the output;
 * at session end, checks the patch once more, prints a summary section and, when
   ``MESA_SUITE_REPORT`` names a file, writes the findings there as JSON for the harness.
 """
@@ -59,6 +61,9 @@ class PatchState:
     replaced_during: list[tuple[str, str, str]] = dataclasses.field(default_factory=list)
     #: (test id, problem) for each test that left the patch replaced after its teardown.
     left_replaced: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+    #: (test id, phase) for each failing report: phase is ``call`` (counted by pytest as
+    #: failed), ``setup`` or ``teardown`` (an error), or ``collect`` (a collection error).
+    failed: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
     def problems(self) -> list[str]:
         """Findings that make the session fail."""
@@ -85,6 +90,7 @@ class PatchState:
             "flag_at_end_ok": self.flag_at_end_ok,
             "replaced_during": [list(entry) for entry in self.replaced_during],
             "left_replaced": [list(entry) for entry in self.left_replaced],
+            "failed": [list(entry) for entry in self.failed],
             "problems": self.problems(),
         }
 
@@ -214,6 +220,24 @@ def pytest_configure(config: pytest.Config) -> None:
         raise pytest.UsageError("patch not in place at session start: " + "; ".join(problems))
     state.patch_at_start = True
     config.stash[_STATE] = state
+    config.pluginmanager.register(_FailureRecorder(state), "mesa_suite_failure_recorder")
+
+
+class _FailureRecorder:
+    """Notes each failing report in the session's :class:`PatchState`."""
+
+    def __init__(self, state: PatchState) -> None:
+        self.state = state
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        """A failing setup, call or teardown of a test."""
+        if report.failed:
+            self.state.failed.append((report.nodeid, report.when))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        """A module or class that could not be collected."""
+        if report.failed:
+            self.state.failed.append((report.nodeid, "collect"))
 
 
 def pytest_report_header(config: pytest.Config) -> str:
