@@ -23,6 +23,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import functools
 import inspect
 import itertools
@@ -34,7 +35,7 @@ from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
 from mesa_llm_parallel._loops import _run_until_complete, run_coroutine_sync, thread_loop
-from mesa_llm_parallel._ordering import TURN_ATTRIBUTE, Turnstile
+from mesa_llm_parallel._ordering import Turnstile, current_turn
 from mesa_llm_parallel._pool import ResizablePool, WorkerPool, _mark_pool_thread, is_pool_thread
 from mesa_llm_parallel._ratelimit import limiter
 from mesa_llm_parallel._report import (
@@ -197,16 +198,13 @@ class Step:
             self.turns.pass_turn(position)
         return agent
 
-    def start(self, position: int, agent: Any) -> float:
-        """Count ``agent`` as started and in flight; return its start time."""
+    def start(self) -> float:
+        """Count one more agent as started and in flight; return its start time."""
         with self.lock:
             self.started += 1
             self.in_flight += 1
             if self.in_flight > self.peak_in_flight:
                 self.peak_in_flight = self.in_flight
-        # An agent class with __slots__ takes no attribute: in_turn is a no-op for it.
-        with contextlib.suppress(AttributeError):
-            setattr(agent, TURN_ATTRIBUTE, (self.turns, position))
         return time.perf_counter()
 
     def finish(
@@ -217,11 +215,11 @@ class Step:
         error: BaseException | None = None,
         *,
         timed_out: bool = False,
-        abandoned: bool = False,
     ) -> None:
         """Record the end of the agent at ``position`` and give up its turn.
 
-        ``abandoned``: the agent timed out in a thread that is still running it.
+        An agent that timed out in a thread may still be running: its turn passes all
+        the same, so a late ``in_turn`` from it is refused instead of applied late.
         """
         elapsed = time.perf_counter() - started
         with self.lock:
@@ -235,10 +233,6 @@ class Step:
                     self.stop = True
             if self.progress is not None:
                 self.progress.update(1)
-        if not (timed_out and abandoned):
-            _clear_turn(agent, self.turns)
-        # else: the agent still runs in its thread; its slot stays, with its turn passed,
-        # so that a late ``in_turn`` from it is refused instead of silently applied.
         self.turns.pass_turn(position)
 
     # -- the end ----------------------------------------------------------------------
@@ -284,14 +278,6 @@ class Step:
                 first.exception,
             )
         return report
-
-
-def _clear_turn(agent: Any, turns: Turnstile) -> None:
-    """Forget the agent's turn in this step, unless a later step has given it a new one."""
-    slot = getattr(agent, TURN_ATTRIBUTE, None)
-    if slot is not None and slot[0] is turns:
-        with contextlib.suppress(AttributeError):
-            delattr(agent, TURN_ATTRIBUTE)
 
 
 def _progress_bar(total: int, mode: str) -> Any:
@@ -363,7 +349,7 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
             try:
                 kind, name = dispatch(agent)
             except Exception as exc:  # no such method on this agent
-                step.finish(position, agent, step.start(position, agent), exc)
+                step.finish(position, agent, step.start(), exc)
                 continue
             if kind == _POOL:
                 if workers is None:
@@ -375,14 +361,18 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                 if agent is None:
                     workers.release()
                     continue
-            started = step.start(position, agent)
+            started = step.start()
+            turn = current_turn.set((step.turns, position, agent))
             deadline = None
             worker: _WorkerSlot | None = None
             job: concurrent.futures.Future[None] | None = None
             try:
                 if kind == _POOL:
                     worker = _WorkerSlot(workers, loop)  # type: ignore[arg-type]
-                    job = executor.submit(functools.partial(call, agent, name))  # type: ignore[union-attr]
+                    # The job runs in a copy of this context: in_turn works there too.
+                    job = executor.submit(  # type: ignore[union-attr]
+                        functools.partial(contextvars.copy_context().run, call, agent, name)
+                    )
                     awaitable: Any = asyncio.wrap_future(job)
                     # If this step stops waiting (timeout, interrupt), the worker is
                     # released when its thread really returns.
@@ -403,17 +393,13 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     in_thread = kind == _POOL
                     error = _timeout_error(agent, timeout, in_thread=in_thread)  # type: ignore[arg-type]
                     error.__cause__ = exc
-                    step.finish(
-                        position, agent, started, error, timed_out=True, abandoned=in_thread
-                    )
+                    step.finish(position, agent, started, error, timed_out=True)
                 else:
                     step.finish(position, agent, started, exc)
-            except BaseException:
-                _clear_turn(agent, step.turns)
-                raise
             else:
                 step.finish(position, agent, started)
             finally:
+                current_turn.reset(turn)
                 if worker is not None and job is not None and job.done():
                     worker.release()  # after finish(): the count of agents in flight is exact
 
@@ -487,11 +473,12 @@ def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
         agent = step.lookup(position)
         if agent is None:
             continue
-        started = step.start(position, agent)
+        started = step.start()
         with step.lock:
             me.agent, me.position, me.started = agent, position, started
         error: BaseException | None = None
         timed_out = False
+        turn = current_turn.set((step.turns, position, agent))
         try:
             kind, name = dispatch(agent)
             result = call(agent, name)
@@ -501,11 +488,12 @@ def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
                     error = _timeout_error(agent, timeout, in_thread=False)  # type: ignore[arg-type]
         except Exception as exc:
             error = exc
+        finally:
+            current_turn.reset(turn)
         with step.lock:
             abandoned = me.abandoned
             me.agent = None
         if abandoned:  # the caller already reported it as timed out and moved on
-            _clear_turn(agent, step.turns)
             return
         step.finish(position, agent, started, error, timed_out=timed_out)
         del agent
@@ -518,13 +506,13 @@ def _run_on_thread_loop(coro: Any, timeout: float | None) -> bool:
         if timeout is None:
             await coro
             return False
-        async with asyncio.timeout(timeout) as deadline:
-            try:
+        try:
+            async with asyncio.timeout(timeout) as deadline:
                 await coro
-            except TimeoutError:
-                if deadline.expired():
-                    return True
-                raise
+        except TimeoutError:
+            if deadline.expired():  # ours, not the agent's own TimeoutError
+                return True
+            raise
         return False
 
     try:
@@ -633,7 +621,7 @@ def _wait_with_timeouts(
         for future, _runner, agent, position, started in overdue:
             pending.discard(future)
             error = _timeout_error(agent, timeout, in_thread=True)
-            step.finish(position, agent, started, error, timed_out=True, abandoned=True)
+            step.finish(position, agent, started, error, timed_out=True)
             if not step.stop:
                 new_future, new_runner = _start_spare_runner(step, dispatch)
                 running[new_future] = new_runner

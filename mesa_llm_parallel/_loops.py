@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import contextvars
 import logging
 import threading
 import weakref
@@ -43,13 +44,24 @@ _UNWIND_TIMEOUT: Final = 5.0
 _local = threading.local()
 
 
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """A new event loop, made in an empty context.
+
+    A loop registers its wake-up reader when it is made, and that callback keeps a copy
+    of the context it was made in for the loop's whole life. Loops are often first
+    needed inside an agent's step, whose context refers to the agent (and so to its
+    model): made there, the persistent loop would keep the model alive forever.
+    """
+    return contextvars.Context().run(asyncio.new_event_loop)
+
+
 class _LoopHolder:
     """Owns one thread's persistent loop and closes it when the thread is gone."""
 
     __slots__ = ("__weakref__", "loop")
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
 
     def close(self) -> None:
         loop = self.loop
@@ -139,7 +151,7 @@ def _can_reuse(loop: asyncio.AbstractEventLoop) -> bool:
 # -- the background loop thread -----------------------------------------------------
 class _BackgroundLoop:
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = _new_loop()
         self.thread = threading.Thread(target=self._run, name="mesa-llm-parallel-loop", daemon=True)
         self.thread.start()
 

@@ -14,6 +14,7 @@ latencies and the concurrency.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import threading
 import weakref
 from types import TracebackType
@@ -21,64 +22,90 @@ from typing import Any
 
 __all__ = ["Turnstile", "in_turn", "shared_lock"]
 
-#: Attribute set on an agent while it runs in a parallel step: (turnstile, position).
-TURN_ATTRIBUTE = "_mesa_llm_parallel_turn"
+#: The turn of the agent whose step is running in this context: (turnstile, position,
+#: agent), or None outside a parallel step. Set by the engine for each agent, in the
+#: agent's own task or thread; tasks the agent creates inherit it.
+current_turn: contextvars.ContextVar[tuple[Turnstile, int, Any] | None] = contextvars.ContextVar(
+    "mesa_llm_parallel_turn", default=None
+)
 
 
 class Turnstile:
     """Lets the positions 0..n-1 through one at a time, in order.
 
     Thread-safe. Waiters may be threads (blocking) or coroutines on any event loop.
+
+    It costs almost nothing until the first agent of the step asks for its turn:
+    before that, giving up a turn is a single write, and the order of passes is
+    worked out only once it is needed.
     """
 
-    __slots__ = ("_async_waiters", "_cond", "_frontier", "_passed")
+    __slots__ = ("_active", "_async_waiters", "_cond", "_frontier", "_lock", "_passed")
 
     def __init__(self, n: int) -> None:
         self._passed = bytearray(n)
-        self._frontier = 0  # every position below it has passed
-        self._cond = threading.Condition(threading.Lock())
+        self._frontier = 0  # while active: every position below it has passed
+        self._active = False
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._async_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
 
     def is_passed(self, position: int) -> bool:
         """Whether ``position`` has had its turn (or ended its step)."""
         return bool(self._passed[position])
 
-    def ready(self, position: int) -> bool:
-        """Whether every position before ``position`` has passed."""
-        return self._frontier >= position
+    def _activate(self) -> None:
+        """Start tracking the frontier (called with the lock held)."""
+        if not self._active:
+            self._active = True
+            self._advance()
+
+    def _advance(self) -> list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]]:
+        """Move the frontier past every passed position; return the async waiters to wake."""
+        passed, frontier, n = self._passed, self._frontier, len(self._passed)
+        while frontier < n and passed[frontier]:
+            frontier += 1
+        if frontier == self._frontier:
+            return []
+        self._frontier = frontier
+        self._cond.notify_all()
+        waking = [w for w in self._async_waiters if w[0] <= frontier]
+        if waking:
+            self._async_waiters = [w for w in self._async_waiters if w[0] > frontier]
+        return waking
 
     def pass_turn(self, position: int) -> None:
         """Mark ``position`` as done; wake whoever may now go. Idempotent."""
-        with self._cond:
-            if self._passed[position]:
-                return
-            self._passed[position] = 1
-            frontier = self._frontier
-            n = len(self._passed)
-            while frontier < n and self._passed[frontier]:
-                frontier += 1
-            if frontier == self._frontier:
-                return
-            self._frontier = frontier
-            self._cond.notify_all()
-            waking = [w for w in self._async_waiters if w[0] <= frontier]
-            if waking:
-                self._async_waiters = [w for w in self._async_waiters if w[0] > frontier]
+        self._passed[position] = 1
+        # Checked after the write: either the activating thread saw the write, or this
+        # thread sees the activation and advances the frontier itself.
+        if not self._active:
+            return
+        with self._lock:
+            waking = self._advance()
         for _, loop, future in waking:
             if asyncio._get_running_loop() is loop:
                 _resolve(future)
             else:
                 loop.call_soon_threadsafe(_resolve, future)
 
+    def ready(self, position: int) -> bool:
+        """Whether every position before ``position`` has passed."""
+        with self._lock:
+            self._activate()
+            return self._frontier >= position
+
     def wait(self, position: int) -> None:
         """Block the calling thread until ``position`` may go."""
         with self._cond:
+            self._activate()
             self._cond.wait_for(lambda: self._frontier >= position)
 
     async def wait_async(self, position: int) -> None:
         """Wait, without blocking the event loop, until ``position`` may go."""
         loop = asyncio.get_running_loop()
-        with self._cond:
+        with self._lock:
+            self._activate()
             if self._frontier >= position:
                 return
             future: asyncio.Future[None] = loop.create_future()
@@ -86,7 +113,7 @@ class Turnstile:
         try:
             await future
         except BaseException:
-            with self._cond:
+            with self._lock:
                 self._async_waiters = [w for w in self._async_waiters if w[2] is not future]
             raise
 
@@ -106,10 +133,16 @@ class _Turn:
         self._slot: tuple[Turnstile, int] | None = None
 
     def _claim(self) -> tuple[Turnstile, int] | None:
-        slot = getattr(self._agent, TURN_ATTRIBUTE, None)
-        if slot is None:
+        turn = current_turn.get()
+        if turn is None:
             return None  # not in a parallel step: Mesa steps agents one at a time anyway
-        turnstile, position = slot
+        turnstile, position, agent = turn
+        if agent is not self._agent:
+            raise RuntimeError(
+                f"in_turn({self._agent!r}) was called from the step of {agent!r}; "
+                "an agent can only wait for its own turn"
+            )
+        slot = (turnstile, position)
         if turnstile.is_passed(position):
             raise RuntimeError(
                 f"the turn of agent {self._agent!r} in this step is over: it already took "
