@@ -337,14 +337,32 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     # membership check that Mesa makes right before stepping an agent.
     workers: asyncio.Semaphore | None = None
 
+    # The runners share this thread, so they update the step's counters directly,
+    # without the lock and the method calls that threading mode needs: this loop is
+    # the hot path of a step of many fast agents.
+    next_position = step._next
+    entries, resolve, n = step.entries, step.resolve, step.n
+    pass_turn = step.turns.pass_turn
+    turns = step.turns
+    rate = cfg.rate_limit
+    progress = step.progress
+    perf_counter = time.perf_counter
+    set_turn, reset_turn = current_turn.set, current_turn.reset
+
     async def runner() -> None:
         nonlocal lease, executor, workers
-        while (claimed := step.claim()) is not None:
-            position, delay = claimed
-            if delay:
-                await asyncio.sleep(delay)
-            agent = step.lookup(position)
+        while not step.stop:
+            position = next_position()
+            if position >= n:
+                return
+            if rate:
+                delay = limiter.reserve(rate)
+                if delay:
+                    await asyncio.sleep(delay)
+            agent = resolve(entries[position])
             if agent is None:
+                step.skipped += 1
+                pass_turn(position)
                 continue
             try:
                 kind, name = dispatch(agent)
@@ -357,33 +375,40 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     lease = pool.lease(cfg.max_workers)
                     executor = lease.__enter__()
                 await workers.acquire()
-                agent = step.lookup(position)  # removed while waiting for a worker?
+                agent = resolve(entries[position])  # removed while waiting for a worker?
                 if agent is None:
                     workers.release()
+                    step.skipped += 1
+                    pass_turn(position)
                     continue
-            started = step.start()
-            turn = current_turn.set((step.turns, position, agent))
+            step.started += 1
+            step.in_flight += 1
+            if step.in_flight > step.peak_in_flight:
+                step.peak_in_flight = step.in_flight
+            turn = set_turn((turns, position, agent))
             deadline = None
             worker: _WorkerSlot | None = None
             job: concurrent.futures.Future[None] | None = None
+            started = perf_counter()
             try:
-                if kind == _POOL:
+                if kind == _AWAIT:
+                    awaitable: Any = call(agent, name)
+                elif kind == _POOL:
                     worker = _WorkerSlot(workers, loop)  # type: ignore[arg-type]
                     # The job runs in a copy of this context: in_turn works there too.
                     job = executor.submit(  # type: ignore[union-attr]
                         functools.partial(contextvars.copy_context().run, call, agent, name)
                     )
-                    awaitable: Any = asyncio.wrap_future(job)
+                    awaitable = asyncio.wrap_future(job)
                     # If this step stops waiting (timeout, interrupt), the worker is
                     # released when its thread really returns.
                     job.add_done_callback(worker.release_from_thread)
-                elif kind == _AWAIT:
-                    awaitable = call(agent, name)
                 else:
+                    awaitable = None
                     call(agent, name)
-                    step.finish(position, agent, started)
-                    continue
-                if timeout is None:
+                if awaitable is None:
+                    pass
+                elif timeout is None:
                     await awaitable
                 else:
                     async with asyncio.timeout(timeout) as deadline:
@@ -396,10 +421,15 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     step.finish(position, agent, started, error, timed_out=True)
                 else:
                     step.finish(position, agent, started, exc)
-            else:
-                step.finish(position, agent, started)
+            else:  # Step.finish for a success, inlined
+                step.in_flight -= 1
+                step.busy_time += perf_counter() - started
+                step.completed += 1
+                if progress is not None:
+                    progress.update(1)
+                pass_turn(position)
             finally:
-                current_turn.reset(turn)
+                reset_turn(turn)
                 if worker is not None and job is not None and job.done():
                     worker.release()  # after finish(): the count of agents in flight is exact
 
