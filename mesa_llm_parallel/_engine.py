@@ -30,7 +30,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
@@ -75,7 +75,7 @@ def _identity(entry: Any) -> Any:
 class _Dispatch:
     """Decides, once per agent class and step, which method runs and where."""
 
-    __slots__ = ("_cache", "_method", "_sync_kind", "_threading")
+    __slots__ = ("_method", "_sync_kind", "_threading", "decisions")
 
     def __init__(
         self, method: str | Callable[..., Any], *, threading_mode: bool, sync_kind: int
@@ -83,13 +83,15 @@ class _Dispatch:
         self._method = method
         self._threading = threading_mode
         self._sync_kind = sync_kind
-        self._cache: dict[type, tuple[int, str | None]] = {}
+        #: agent class -> (kind, method name or None for a callable); read directly by
+        #: the asyncio runners on their hot path.
+        self.decisions: dict[type, tuple[int, str | None]] = {}
 
     def __call__(self, agent: Any) -> tuple[int, str | None]:
         cls = type(agent)
-        found = self._cache.get(cls)
+        found = self.decisions.get(cls)
         if found is None:
-            found = self._cache[cls] = self._decide(cls)
+            found = self.decisions[cls] = self._decide(cls)
         return found
 
     def _decide(self, cls: type) -> tuple[int, str | None]:
@@ -158,6 +160,8 @@ class Step:
         self.n = len(entries)
         self.resolve = resolve or _identity
         self.method = method
+        self.args = args
+        self.kwargs = kwargs
         self.call = _make_call(method, args, kwargs)
         self.cfg = cfg
         self.mode = mode
@@ -348,6 +352,8 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     progress = step.progress
     perf_counter = time.perf_counter
     set_turn, reset_turn = current_turn.set, current_turn.reset
+    decisions = dispatch.decisions
+    args, kwargs = step.args, step.kwargs
 
     async def runner() -> None:
         nonlocal lease, executor, workers
@@ -364,11 +370,14 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                 step.skipped += 1
                 pass_turn(position)
                 continue
-            try:
-                kind, name = dispatch(agent)
-            except Exception as exc:  # no such method on this agent
-                step.finish(position, agent, step.start(), exc)
-                continue
+            decided = decisions.get(type(agent))
+            if decided is None:
+                try:
+                    decided = dispatch(agent)
+                except Exception as exc:  # no such method on this agent
+                    step.finish(position, agent, step.start(), exc)
+                    continue
+            kind, name = decided
             if kind == _POOL:
                 if workers is None:
                     workers = asyncio.Semaphore(cfg.max_workers)
@@ -392,7 +401,9 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
             started = perf_counter()
             try:
                 if kind == _AWAIT:
-                    awaitable: Any = call(agent, name)
+                    awaitable: Any = (
+                        getattr(agent, name)(*args, **kwargs) if name else call(agent, name)
+                    )
                 elif kind == _POOL:
                     worker = _WorkerSlot(workers, loop)  # type: ignore[arg-type]
                     # The job runs in a copy of this context: in_turn works there too.
@@ -441,7 +452,7 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
         if k == 1:
             await runner()
         else:
-            await asyncio.gather(*[runner() for _ in range(k)])
+            await _run_all(loop, runner, k)
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
@@ -449,6 +460,41 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
             step.stop = True
         if lease is not None:
             lease.__exit__(None, None, None)
+
+
+async def _run_all(
+    loop: asyncio.AbstractEventLoop, runner: Callable[[], Coroutine[Any, Any, None]], k: int
+) -> None:
+    """Run ``k`` runners as tasks and wait for all of them.
+
+    What ``asyncio.gather`` does, minus its per-task bookkeeping (the runners catch
+    their agents' exceptions and return nothing): one shared counter and one future.
+    If the wait is cancelled or a runner raises (an interrupt), every runner is
+    cancelled and awaited before the exception propagates.
+    """
+    remaining = k
+    all_done = loop.create_future()
+
+    def one_done(task: asyncio.Task[None]) -> None:
+        nonlocal remaining
+        remaining -= 1
+        if all_done.done():
+            return
+        if not task.cancelled() and task.exception() is not None:
+            all_done.set_exception(task.exception())  # type: ignore[arg-type]
+        elif remaining == 0:
+            all_done.set_result(None)
+
+    tasks = [loop.create_task(runner()) for _ in range(k)]
+    for task in tasks:
+        task.add_done_callback(one_done)
+    try:
+        await all_done
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.wait(tasks)
+        raise
 
 
 async def _heartbeat() -> None:
