@@ -133,7 +133,7 @@ def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutErr
     if in_thread:
         error.add_note(
             "mesa_llm_parallel: its thread cannot be stopped and may still be running; "
-            "its late effects are not ordered by in_turn (its turn has passed)"
+            "its turn has passed, so a late 'in_turn' from it raises RuntimeError"
         )
     return error
 
@@ -141,9 +141,10 @@ def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutErr
 class Step:
     """The shared state of one parallel step: positions, counters, failures, turns.
 
-    Runners call :meth:`claim` for the next agent and :meth:`finish` when it is done.
-    Every counter is updated under one lock, which costs little when uncontended (the
-    asyncio runners share one thread).
+    Threading-mode runners call :meth:`claim`, :meth:`lookup`, :meth:`start` and
+    :meth:`finish`, which update the counters under :attr:`lock`. The asyncio runners
+    all run on one thread and update the counters directly (see
+    :func:`run_step_async`), except for failures, which go through :meth:`finish`.
     """
 
     def __init__(
