@@ -454,11 +454,14 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
             await runner()
         else:
             await _run_all(loop, runner, k)
+    except BaseException:
+        if workers is not None and step.in_flight:
+            pool.replace()  # sync agents still running keep their workers; do not wait on them
+        raise
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
-        with step.lock:
-            step.stop = True
+        step.stop = True
         if lease is not None:
             lease.__exit__(None, None, None)
 
@@ -626,6 +629,8 @@ def run_step_threaded(step: Step) -> None:
         except BaseException:
             with step.lock:
                 step.stop = True
+            if any(not future.done() for future in running):
+                pool.replace()  # agents still running keep their workers; do not wait on them
             raise
     for future in running:
         if future.done():

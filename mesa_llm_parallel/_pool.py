@@ -183,6 +183,22 @@ class ResizablePool:
             self._retired = [old for old in self._retired if old.alive()]
             self._retired.append(pool)
 
+    def replace(self) -> None:
+        """Give the next step a fresh pool; the current one retires once no step uses it.
+
+        Used after an interrupt: the interrupted step's agents may still occupy every
+        worker (a thread cannot be stopped), and the next step must not queue behind
+        them. Their threads exit once their calls return.
+        """
+        with self._lock:
+            entry, self._current = self._current, None
+            if entry is None:
+                return
+            entry.retired = True
+            idle = entry.users == 0
+        if idle:
+            self._retire(entry.pool)
+
     def shutdown(self, *, wait: bool = True) -> None:
         """Retire the current pool; its threads exit once no step uses them.
 

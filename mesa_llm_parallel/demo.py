@@ -4,22 +4,30 @@ Run it with ``python -m mesa_llm_parallel.demo`` (``--help`` lists the options).
 network or model server is needed: a simulated language model answers after a latency
 drawn from the model's random generator, so every run with the same seed waits the
 same times in the same places.
+
+With ``--server`` the same table is made with real HTTP: the agents call a
+:class:`~mesa_llm_parallel.llm_server.LoopbackLLMServer` on ``127.0.0.1`` through the
+``openai`` clients (``AsyncOpenAI`` in ``astep``, ``OpenAI`` in ``step``, one of each per
+model), and the server draws each request's latency from the same distribution. It
+needs the ``openai`` package (``pip install 'mesa_llm_parallel[llm]'``).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import hashlib
+import importlib.util
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import mesa
 
 from mesa_llm_parallel import parallel_stepping, settings
+from mesa_llm_parallel.llm_server import LatencySpec, LoopbackLLMServer, deterministic_reply
 
-__all__ = ["OpinionAgent", "OpinionModel", "SimulatedLLM", "main"]
+__all__ = ["OpinionAgent", "OpinionModel", "ServerLLM", "SimulatedLLM", "main"]
 
 
 class SimulatedLLM:
@@ -35,8 +43,7 @@ class SimulatedLLM:
 
     @staticmethod
     def _answer(prompt: str) -> str:
-        digest = hashlib.sha256(prompt.encode()).digest()
-        return "agree" if digest[0] % 3 else "disagree"
+        return deterministic_reply(prompt)  # what the loopback server answers, too
 
     async def acomplete(self, prompt: str, latency: float) -> str:
         """Answer ``prompt`` after ``latency`` seconds without blocking the event loop."""
@@ -78,13 +85,48 @@ class OpinionAgent(mesa.Agent):
         self._apply(self.model.llm.complete(self._prompt(), latency))
 
 
-class OpinionModel(mesa.Model):
-    """``n`` agents; every step each one makes one simulated language-model call."""
+class ServerLLM:
+    """The demo's language-model interface over real HTTP, through the ``openai`` clients.
 
-    def __init__(self, n: int = 200, latency: float = 0.05, *, seed: int = 1) -> None:
+    Wraps one :class:`~mesa_llm_parallel.llm_example.OpenAIChat`. The ``latency``
+    arguments are ignored: the server draws each request's latency itself.
+    """
+
+    def __init__(self, base_url: str) -> None:
+        from mesa_llm_parallel.llm_example import OpenAIChat
+
+        self.chat = OpenAIChat(base_url)
+
+    @property
+    def calls(self) -> int:
+        """Requests sent so far."""
+        return self.chat.calls
+
+    async def acomplete(self, prompt: str, latency: float) -> str:
+        """Ask through the model's ``AsyncOpenAI`` client."""
+        return await self.chat.acomplete(prompt)
+
+    def complete(self, prompt: str, latency: float) -> str:
+        """Ask through the model's ``OpenAI`` client."""
+        return self.chat.complete(prompt)
+
+    def close(self) -> None:
+        """Close both clients."""
+        self.chat.close()
+
+
+class OpinionModel(mesa.Model):
+    """``n`` agents; every step each one makes one language-model call.
+
+    The calls go to ``llm`` (default: a :class:`SimulatedLLM`).
+    """
+
+    def __init__(
+        self, n: int = 200, latency: float = 0.05, *, seed: int = 1, llm: Any = None
+    ) -> None:
         super().__init__(rng=seed)
         self.mean_latency = latency
-        self.llm = SimulatedLLM()
+        self.llm = SimulatedLLM() if llm is None else llm
         self.latencies: dict[int, float] = {}
         self.slowest = 0.0
         self.consensus = 0.5
@@ -111,6 +153,51 @@ def _time_one_step(model: OpinionModel) -> float:
     return time.perf_counter() - start
 
 
+def server_latency(mean: float) -> LatencySpec:
+    """The loopback server's latency for the demo: the simulation's distribution."""
+    return ("gamma", {"mean": mean, "shape": 4.0}) if mean > 0 else 0.0
+
+
+def _run_table(
+    make_llm: Callable[[], Any], agents: int, latency: float, seed: int, workers: int
+) -> tuple[list[tuple[str, float, int]], list[list[float]], OpinionModel]:
+    """One step sequentially, in asyncio mode and in threading mode: rows and outcomes."""
+    rows: list[tuple[str, float, int]] = []
+    outcomes: list[list[float]] = []
+
+    def run(label: str, *, parallel: bool) -> OpinionModel:
+        model = OpinionModel(agents, latency, seed=seed, llm=make_llm())
+        model.parallel_stepping = parallel
+        try:
+            seconds = _time_one_step(model)
+        finally:
+            close = getattr(model.llm, "close", None)
+            if close is not None:
+                close()
+        rows.append((label, seconds, model.llm.calls))
+        outcomes.append(model.opinions())
+        return model
+
+    run("sequential (Mesa's own shuffle_do)", parallel=False)
+    parallel_stepping.enable_automatic_parallel_stepping(mode="asyncio", max_workers=workers)
+    try:
+        run("asyncio mode (astep on one loop)", parallel=True)
+        settings.mode = "threading"
+        model = run(f"threading mode ({settings.max_workers} threads)", parallel=True)
+    finally:
+        parallel_stepping.disable_automatic_parallel_stepping()
+        parallel_stepping.shutdown()
+    return rows, outcomes, model
+
+
+def _print_rows(rows: list[tuple[str, float, int]]) -> None:
+    base = rows[0][1]
+    width = max(len(label) for label, _, _ in rows)
+    print(f"{'how':<{width}}  {'wall time':>10}  {'speedup':>8}  {'calls':>6}")
+    for label, seconds, calls in rows:
+        print(f"{label:<{width}}  {seconds:>9.3f}s  {base / seconds:>7.1f}x  {calls:>6}")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the demo and print the table; return the exit status."""
     parser = argparse.ArgumentParser(
@@ -123,6 +210,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--workers", type=int, default=64, help="thread-pool size (64)")
     parser.add_argument("--seed", type=int, default=1, help="model seed (1)")
+    parser.add_argument(
+        "--server",
+        action="store_true",
+        help="send real HTTP requests through the openai clients to a loopback "
+        "OpenAI-compatible server instead of simulating the language model",
+    )
     args = parser.parse_args(argv)
     if args.agents < 1:
         parser.error(f"--agents must be at least 1, got {args.agents}")
@@ -130,45 +223,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--latency must be >= 0, got {args.latency}")
     if args.workers < 1:
         parser.error(f"--workers must be at least 1, got {args.workers}")
+    if args.server and importlib.util.find_spec("openai") is None:
+        parser.error("--server needs the 'openai' package: pip install 'mesa_llm_parallel[llm]'")
 
     latency = args.latency / 1000.0
-    print(
-        f"mesa_llm_parallel demo: {args.agents} agents, one simulated language-model call "
-        f"each (mean {args.latency:g} ms, drawn from the model's RNG)\n"
-    )
-    rows: list[tuple[str, float, int]] = []
-    outcomes: list[list[float]] = []
-
-    model = OpinionModel(args.agents, latency, seed=args.seed)
-    rows.append(("sequential (Mesa's own shuffle_do)", _time_one_step(model), model.llm.calls))
-    outcomes.append(model.opinions())
-
-    parallel_stepping.enable_automatic_parallel_stepping(mode="asyncio", max_workers=args.workers)
-    try:
-        model = OpinionModel(args.agents, latency, seed=args.seed)
-        model.parallel_stepping = True
-        rows.append(("asyncio mode (astep on one loop)", _time_one_step(model), model.llm.calls))
-        outcomes.append(model.opinions())
-
-        settings.mode = "threading"
-        model = OpinionModel(args.agents, latency, seed=args.seed)
-        model.parallel_stepping = True
-        label = f"threading mode ({settings.max_workers} threads)"
-        rows.append((label, _time_one_step(model), model.llm.calls))
-        outcomes.append(model.opinions())
-    finally:
-        parallel_stepping.disable_automatic_parallel_stepping()
-        parallel_stepping.shutdown()
-
-    base = rows[0][1]
-    width = max(len(label) for label, _, _ in rows)
-    print(f"{'how':<{width}}  {'wall time':>10}  {'speedup':>8}  {'calls':>6}")
-    for label, seconds, calls in rows:
-        print(f"{label:<{width}}  {seconds:>9.3f}s  {base / seconds:>7.1f}x  {calls:>6}")
-    print(
-        f"\nThe slowest call of the step took {model.slowest * 1000:.0f} ms: "
-        "no schedule can finish the step sooner."
-    )
+    if not args.server:
+        print(
+            f"mesa_llm_parallel demo: {args.agents} agents, one simulated language-model call "
+            f"each (mean {args.latency:g} ms, drawn from the model's RNG)\n"
+        )
+        rows, outcomes, model = _run_table(
+            SimulatedLLM, args.agents, latency, args.seed, args.workers
+        )
+        _print_rows(rows)
+        print(
+            f"\nThe slowest call of the step took {model.slowest * 1000:.0f} ms: "
+            "no schedule can finish the step sooner."
+        )
+    else:
+        with LoopbackLLMServer(latency=server_latency(latency), seed=args.seed) as server:
+            print(
+                f"mesa_llm_parallel demo: {args.agents} agents, one chat-completion request "
+                f"each over real HTTP, through the openai clients, to a loopback server at "
+                f"{server.base_url} (latency drawn by the server, mean {args.latency:g} ms)\n"
+            )
+            rows, outcomes, model = _run_table(
+                lambda: ServerLLM(server.base_url), args.agents, latency, args.seed, args.workers
+            )
+            stats = server.stats()
+        _print_rows(rows)
+        print(
+            f"\nThe server answered {stats.completed} of {stats.requests} requests "
+            f"({stats.rate_limited} refused with 429), at most {stats.peak_concurrency} at "
+            f"once, over {stats.connections} connections."
+        )
     same = all(outcome == outcomes[0] for outcome in outcomes)
     print(f"All three runs reached the same opinions: {'yes' if same else 'NO'}")
     return 0 if same else 1

@@ -628,3 +628,33 @@ def test_model_stepping_manually_also_steps_again_after_a_failure():
     before = [a.steps for a in model.agents]
     model.step()
     assert [a.steps for a in model.agents] == [n + 1 for n in before]
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
+@pytest.mark.parametrize("agent_cls", [Scripted, SyncScripted])
+@pytest.mark.parametrize("mode", MODES)
+def test_the_next_step_does_not_queue_behind_agents_still_stuck_in_threads(mode, agent_cls):
+    # After Ctrl-C the interrupted agents' threads cannot be stopped and may hold every
+    # worker; the next step gets fresh workers instead of waiting for them.
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=2)
+    model = scripted_model(2, {1: ("hang", 30.0), 2: ("hang", 30.0)}, agent_cls)
+    started = threading.Event()
+    original_enter = model.tracker.enter
+
+    def enter(agent):
+        original_enter(agent)
+        if model.tracker.now == 2:
+            started.set()
+
+    model.tracker.enter = enter
+    firing = _interrupt_when(started)
+    with pytest.raises(KeyboardInterrupt):
+        model.step()
+    firing.join()
+    model.script = {}
+    finished = threading.Event()
+    threading.Thread(target=lambda: (model.step(), finished.set()), daemon=True).start()
+    assert finished.wait(20)  # while the stuck agents still wait for the release
+    assert not model.release.is_set()
+    assert mlp.last_step_report(model).completed == 2
+    model.release.set()

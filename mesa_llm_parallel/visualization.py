@@ -1,0 +1,472 @@
+"""Live parallel-stepping controls for Mesa's SolaraViz.
+
+Core objects: :func:`ParallelSteppingControls` (a Solara component called with the live
+model), :func:`ParallelSteppingSidebar` (the same card, placed in the sidebar) and
+:data:`panel_choices` (what the panel's user chose, re-applied to every new model).
+
+Add it to a dashboard as any other Mesa component::
+
+    from mesa.visualization import SolaraViz
+    from mesa_llm_parallel.visualization import ParallelSteppingControls
+
+    page = SolaraViz(model, components=[ParallelSteppingControls])
+
+The panel changes the model's ``parallel_stepping`` flag and the live
+:data:`~mesa_llm_parallel.settings` (mode, thread-pool size, concurrency cap); a step
+reads them once when it starts, so a change applies from the next step and never
+disturbs a step in progress. Mesa's Reset button builds a new model instance: the panel
+keeps its choices outside the model and applies them to each new model it is called
+with.
+
+Importing :mod:`mesa_llm_parallel` never imports this module, Solara or
+``mesa.visualization``; importing this module needs them (``pip install
+"mesa_llm_parallel[solara]"``).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import html
+import threading
+import weakref
+from collections.abc import Callable, Mapping
+from typing import Any, Final
+
+try:
+    import solara
+    from mesa.visualization.utils import update_counter
+except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
+    raise ImportError(
+        "mesa_llm_parallel.visualization needs Solara and Mesa's visualization "
+        f"({exc.name or exc}); install them with: "
+        'pip install "mesa_llm_parallel[solara]"'
+    ) from exc
+
+from mesa_llm_parallel._report import StepReport, add_step_callback, last_step_report
+from mesa_llm_parallel._settings import MODES, SettingsSnapshot, settings
+from mesa_llm_parallel.parallel_stepping import (
+    enable_automatic_parallel_stepping,
+    is_automatic_parallel_stepping_enabled,
+)
+
+__all__ = [
+    "PanelChoices",
+    "ParallelSteppingControls",
+    "ParallelSteppingSidebar",
+    "apply_panel_choices",
+    "panel_choices",
+]
+
+#: How many recent parallel steps the chart shows.
+HISTORY_LENGTH: Final = 60
+
+_MODE_COLOURS: Final = {"asyncio": "#1565c0", "threading": "#ef6c00"}
+_FAILURE_COLOUR: Final = "#c62828"
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class PanelChoices:
+    """What the user chose in the panel; applied to every new model.
+
+    Attributes:
+        parallel_stepping: The flag set on each model, or None while the user has not
+            touched the toggle (each model keeps its own value).
+        settings: The settings chosen in the panel, by name (a subset of ``mode``,
+            ``max_workers``, ``max_concurrency``); never mutated, replaced as a whole.
+    """
+
+    parallel_stepping: bool | None = None
+    settings: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def with_setting(self, name: str, value: object) -> PanelChoices:
+        """A copy with one more (or a changed) setting."""
+        return dataclasses.replace(self, settings={**self.settings, name: value})
+
+
+#: The panel's choices. A module-level Solara reactive variable holds one value per
+#: Solara kernel context (each browser page of a server, each notebook kernel), and it
+#: holds no model: a reset model does not take the choices with it.
+panel_choices: solara.Reactive[PanelChoices] = solara.reactive(PanelChoices())
+
+
+def apply_panel_choices(model: Any, choices: PanelChoices | None = None) -> None:
+    """Apply the panel's choices to ``model`` and to the live settings.
+
+    The settings go first (all or nothing), then the model's ``parallel_stepping``
+    flag. Turning the flag on installs the ``shuffle_do`` patch if it is missing,
+    keeping the current mode. The panel calls this once for each new model it is
+    rendered with, which is how Mesa's Reset keeps the panel's choices.
+
+    Args:
+        model: The Mesa model to configure.
+        choices: What to apply; the current value of :data:`panel_choices` by default.
+    """
+    if choices is None:
+        choices = panel_choices.value
+    if choices.settings:
+        settings.update(**choices.settings)
+    if choices.parallel_stepping is not None:
+        if choices.parallel_stepping and not is_automatic_parallel_stepping_enabled():
+            enable_automatic_parallel_stepping(mode=settings.mode)
+        model.parallel_stepping = choices.parallel_stepping
+
+
+# -- per-model panel state (never keeps a model alive) ---------------------------------
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _StepPoint:
+    step: int
+    wall_time: float
+    mode: str
+    failures: int
+
+
+@dataclasses.dataclass(slots=True)
+class _ModelState:
+    history: collections.deque[_StepPoint] = dataclasses.field(
+        default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH)
+    )
+    choices_applied: bool = False
+
+
+_states_lock = threading.Lock()
+_states: weakref.WeakKeyDictionary[Any, _ModelState] = weakref.WeakKeyDictionary()
+_callback_added = False
+
+
+def _record_step(model: Any, report: StepReport) -> None:
+    """Step callback: remember the step for the chart, for models shown in a panel."""
+    with _states_lock:
+        try:
+            state = _states.get(model)
+        except TypeError:  # a model that cannot be a weak key
+            return
+    if state is not None:
+        point = _StepPoint(
+            int(getattr(model, "steps", 0)), report.wall_time, report.mode, len(report.failures)
+        )
+        state.history.append(point)
+
+
+def _state_of(model: Any) -> _ModelState:
+    """The panel state of ``model``, created on first use; adds the step callback once."""
+    global _callback_added  # noqa: PLW0603 - one process-wide callback, added lazily
+    with _states_lock:
+        if not _callback_added:
+            add_step_callback(_record_step)
+            _callback_added = True
+        try:
+            state = _states.get(model)
+            if state is None:
+                state = _states[model] = _ModelState()
+        except TypeError:  # not weak-referenceable or unhashable: no history kept
+            state = _ModelState()
+    return state
+
+
+# -- presentation helpers ---------------------------------------------------------------
+
+
+def _milliseconds(seconds: float) -> str:
+    ms = seconds * 1000
+    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
+
+
+def _sparkline_svg(points: list[_StepPoint], *, width: int = 320, height: int = 84) -> str:
+    """An SVG chart of recent step times: one dot per step, coloured by mode.
+
+    Args:
+        points: The steps to draw, oldest first.
+        width: Width of the picture in pixels.
+        height: Height of the picture in pixels, legend included.
+
+    Returns:
+        The ``<svg>`` element as a string, or an empty string without points.
+    """
+    if not points:
+        return ""
+    left, right, top_pad, legend = 4, 56, 8, 18
+    bottom = height - legend
+    top = max(p.wall_time for p in points) or 1e-9
+    step_x = (width - left - right) / max(len(points) - 1, 1)
+
+    def xy(i: int, p: _StepPoint) -> tuple[float, float]:
+        return left + i * step_x, top_pad + (bottom - top_pad) * (1 - p.wall_time / top)
+
+    coords = [xy(i, p) for i, p in enumerate(points)]
+    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
+    parts = [
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+        f'viewBox="0 0 {width} {height}" role="img" aria-label="recent parallel step times" '
+        'style="font-family: sans-serif">',
+        f'<line x1="{left}" y1="{bottom}" x2="{width - right}" y2="{bottom}" stroke="#bbb"/>',
+        f'<polyline points="{line}" fill="none" stroke="#90a4ae" stroke-width="1.5"/>',
+    ]
+    for (x, y), p in zip(coords, points, strict=True):
+        colour = _FAILURE_COLOUR if p.failures else _MODE_COLOURS.get(p.mode, "#555")
+        label = f"step {p.step}: {_milliseconds(p.wall_time)}, {p.mode}"
+        if p.failures:
+            label += f", {p.failures} failed"
+        parts.append(
+            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}">'
+            f"<title>{html.escape(label)}</title></circle>"
+        )
+    label_x = width - right + 6
+    parts.append(
+        f'<text x="{label_x}" y="{top_pad + 4}" font-size="11" fill="#555">'
+        f"{html.escape(_milliseconds(top))}</text>"
+        f'<text x="{label_x}" y="{bottom + 4}" font-size="11" fill="#555">0 ms</text>'
+    )
+    legend_y = height - 4
+    x = left
+    for name, colour in (*_MODE_COLOURS.items(), ("failures", _FAILURE_COLOUR)):
+        parts.append(
+            f'<circle cx="{x + 4}" cy="{legend_y - 4}" r="4" fill="{colour}"/>'
+            f'<text x="{x + 12}" y="{legend_y}" font-size="11" fill="#555">{name}</text>'
+        )
+        x += 14 + 7 * len(name) + 12
+    parts.append("</svg>")
+    return "".join(parts)
+
+
+# -- the components (Solara components are PascalCase, hence the N802 exemptions) --------
+
+
+@solara.component
+def ParallelSteppingControls(  # noqa: N802
+    model: Any, *, sidebar: bool = False, title: str = "Parallel stepping"
+) -> None:
+    """Live controls and the step report of parallel stepping, for ``SolaraViz``.
+
+    Use it as an entry of ``SolaraViz(..., components=[ParallelSteppingControls])``:
+    SolaraViz calls it with the live model, and it re-renders after every step. The
+    card shows:
+
+    - a switch for the model's ``parallel_stepping`` flag (turning it on installs the
+      ``shuffle_do`` patch if needed);
+    - the mode (``asyncio`` / ``threading``), the thread-pool size (``max_workers``) and
+      the concurrency cap (``max_concurrency``; 0 means no cap), which are the live,
+      process-wide :data:`~mesa_llm_parallel.settings`;
+    - the report of the last parallel step (wall time, speedup, failures, peak in
+      flight) and a chart of the recent step times.
+
+    Threads and loops:
+        Every change applies from the next step. A step reads the flag and one settings
+        snapshot when it starts, so changing anything while a step runs (Play runs steps
+        on a worker thread; the Step button runs one inside the server's event loop)
+        never disturbs that step.
+
+    Reset:
+        Mesa's Reset builds a new model. The panel's choices are kept in
+        :data:`panel_choices`, outside the model, and applied to each new model the
+        component is called with, after the model's own ``__init__`` ran.
+
+    Args:
+        model: The live Mesa model (SolaraViz passes it).
+        sidebar: Put the card into the app's sidebar (``solara.Sidebar``) instead of
+            in place.
+        title: The card's title.
+    """
+    update_counter.get()  # subscribe: SolaraViz bumps it after every step
+    choices = panel_choices.value  # subscribe: re-render on the panel's own changes
+    _, set_revision = solara.use_state(0)  # re-render after a change made here
+    error, set_error = solara.use_state(None)
+    state = _state_of(model)
+    if not state.choices_applied:
+        state.choices_applied = True
+        apply_panel_choices(model, choices)
+
+    def changed() -> None:
+        set_revision(lambda n: n + 1)
+
+    def set_parallel(value: bool) -> None:
+        new = dataclasses.replace(panel_choices.value, parallel_stepping=bool(value))
+        apply_panel_choices(model, dataclasses.replace(new, settings={}))
+        panel_choices.set(new)
+        changed()
+
+    def set_setting(name: str, value: object) -> None:
+        try:
+            settings.update(**{name: value})
+        except (TypeError, ValueError) as exc:
+            set_error(str(exc))
+            return
+        set_error(None)
+        panel_choices.set(panel_choices.value.with_setting(name, value))
+        changed()
+
+    def set_cap(value: int | None) -> None:
+        if value is not None and value < 0:
+            set_error(f"the concurrency cap must be 0 (no cap) or a positive number, got {value}")
+            return
+        set_setting("max_concurrency", value or None)
+
+    # Everything shown is read here and passed down as plain values, so the children
+    # re-render exactly when something they show has changed.
+    snap = settings.snapshot()
+    steps = getattr(model, "steps", None)
+    props: dict[str, Any] = {
+        "title": title,
+        "flag": bool(getattr(model, "parallel_stepping", snap.parallel_by_default)),
+        "patched": is_automatic_parallel_stepping_enabled(),
+        "snap": snap,
+        "error": error,
+        "on_parallel": set_parallel,
+        "on_mode": lambda mode: set_setting("mode", mode),
+        "on_workers": lambda n: set_setting("max_workers", n),
+        "on_cap": set_cap,
+        "report": last_step_report(model),
+        "steps": steps if isinstance(steps, int) else None,
+        "history": tuple(state.history),
+    }
+    if sidebar:
+        _SidebarCard(props=props)
+    else:
+        _Card(**props)
+
+
+@solara.component
+def _SidebarCard(props: dict[str, Any]) -> None:  # noqa: N802
+    # One component level deeper than the caller: Solara orders sidebar content by
+    # depth, so the card goes below SolaraViz's own cards (Controls, Model Parameters)
+    # when both are rendered from the same level.
+    with solara.Sidebar():
+        _Card(**props, margin=2)  # as SolaraViz's own sidebar cards
+
+
+@solara.component
+def ParallelSteppingSidebar(model: Any) -> None:  # noqa: N802
+    """:func:`ParallelSteppingControls` as a card in the app's sidebar.
+
+    Use it as an entry of ``SolaraViz(..., components=[ParallelSteppingSidebar])``: the
+    card goes below SolaraViz's own sidebar cards (Controls, Model Parameters,
+    Information), with the Play, Step and Reset buttons. In a notebook the sidebar is
+    the menu behind the app bar's menu button.
+
+    Args:
+        model: The live Mesa model (SolaraViz passes it).
+    """
+    ParallelSteppingControls(model, sidebar=True)
+
+
+@solara.component
+def _Card(  # noqa: N802
+    *,
+    title: str,
+    flag: bool,
+    patched: bool,
+    snap: SettingsSnapshot,
+    error: str | None,
+    on_parallel: Callable[[bool], None],
+    on_mode: Callable[[str], None],
+    on_workers: Callable[[int], None],
+    on_cap: Callable[[int | None], None],
+    report: StepReport | None,
+    steps: int | None,
+    history: tuple[_StepPoint, ...],
+    margin: int = 0,
+) -> None:
+    with solara.Card(title, margin=margin, classes=["mlp-parallel-controls"]):
+        solara.Switch(
+            label="Step agents in parallel",
+            value=flag,
+            on_value=on_parallel,
+            classes=["mlp-parallel-switch"],
+        )
+        if flag and not patched:
+            solara.Warning(
+                "Mesa's shuffle_do is not patched, so the model steps sequentially: "
+                "turn the switch off and on, or call enable_automatic_parallel_stepping().",
+                dense=True,
+            )
+        with solara.Row(style={"align-items": "center"}, gap="8px"):
+            solara.Text("Mode", style={"min-width": "3.5em"})
+            solara.ToggleButtonsSingle(
+                value=snap.mode,
+                values=list(MODES),
+                on_value=on_mode,
+                dense=True,
+                classes=["mlp-mode"],
+            )
+        solara.InputInt(
+            "Thread-pool size (max_workers)",
+            value=snap.max_workers,
+            on_value=on_workers,
+            dense=True,
+            classes=["mlp-max-workers"],
+        )
+        solara.InputInt(
+            "Concurrency cap, 0 = no cap (max_concurrency)",
+            value=snap.max_concurrency or 0,
+            on_value=on_cap,
+            dense=True,
+            classes=["mlp-max-concurrency"],
+        )
+        if error:
+            solara.Error(error, dense=True, classes=["mlp-error"])
+        solara.Text(
+            "Changes apply from the next step; a step in progress keeps its settings.",
+            style={"font-size": "0.8em", "opacity": "0.7"},
+        )
+        _ReportView(report=report, flag=flag, steps=steps, history=history)
+
+
+@solara.component
+def _ReportView(  # noqa: N802
+    *,
+    report: StepReport | None,
+    flag: bool,
+    steps: int | None,
+    history: tuple[_StepPoint, ...],
+) -> None:
+    with solara.Column(gap="4px", classes=["mlp-step-report"], style={"margin-top": "12px"}):
+        solara.Text("Last parallel step", style={"font-weight": "bold"})
+        if report is None:
+            hint = "none yet: press Step or Play" if flag else "none: parallel stepping is off"
+            solara.Text(hint, classes=["mlp-report-empty"])
+            return
+        step = f" (step {history[-1].step})" if history else ""
+        cap = "no cap" if report.max_concurrency is None else f"cap {report.max_concurrency}"
+        failed = len(report.failures)
+        if failed:
+            first = report.failures[0].exception
+            timed_out = f", {len(report.timed_out)} timed out" if report.timed_out else ""
+            failures = f"{failed}{timed_out}; first: {type(first).__name__}: {first}"
+        else:
+            failures = "none"
+        rows = [
+            ("Wall time", f"{_milliseconds(report.wall_time)}{step}", "mlp-report-time"),
+            ("Speedup", f"{report.speedup:.1f}x (agent time / wall time)", "mlp-report-speedup"),
+            (
+                "Agents",
+                f"{report.completed}/{report.agents} done, peak {report.peak_in_flight} in flight",
+                "mlp-report-agents",
+            ),
+            ("Ran with", f"{report.mode}, pool {report.pool_size}, {cap}", "mlp-report-config"),
+            ("Failures", failures, "mlp-report-failures"),
+        ]
+        grid = {"display": "grid", "grid-template-columns": "auto 1fr", "gap": "2px 12px"}
+        with solara.Div(style=grid):
+            for label, value, css_class in rows:
+                solara.Text(label, style={"opacity": "0.7"})
+                colour = (
+                    {"color": _FAILURE_COLOUR} if css_class.endswith("failures") and failed else {}
+                )
+                solara.Text(value, classes=[css_class], style=colour)
+        if history and steps is not None and steps > history[-1].step:
+            behind = steps - history[-1].step
+            solara.Text(
+                f"The last {behind} step{'s' if behind > 1 else ''} ran sequentially.",
+                classes=["mlp-report-sequential"],
+                style={"font-style": "italic"},
+            )
+        if history:
+            solara.Text(
+                f"Wall time of the last {len(history)} parallel steps",
+                style={"font-size": "0.85em", "opacity": "0.7", "margin-top": "6px"},
+            )
+            solara.HTML(
+                tag="div", unsafe_innerHTML=_sparkline_svg(list(history)), classes=["mlp-chart"]
+            )
