@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -57,6 +58,50 @@ def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[...,
     return shuffle_do
 
 
+def _is_mesas_own(function: Any, cls: type) -> bool:
+    return (
+        getattr(function, "__module__", "").split(".")[0] == "mesa"
+        and getattr(function, "__qualname__", "") == f"{cls.__name__}.shuffle_do"
+    )
+
+
+def _mesas_original(cls: type, current: Any) -> Any:
+    """Mesa's own ``shuffle_do`` of ``cls``, even if another library replaced it.
+
+    A library that patches a method usually keeps the function it replaced: as
+    ``__wrapped__``, in a closure, or in a module global (``mesa_llm`` keeps it as
+    ``_original_shuffle_do``). Those places are searched; if Mesa's function is in none
+    of them, the current one is taken as the original, with a warning.
+    """
+    if _is_mesas_own(current, cls):
+        return current
+    todo, seen = [current], set()
+    while todo:
+        function = todo.pop()
+        if id(function) in seen:
+            continue
+        seen.add(id(function))
+        if _is_mesas_own(function, cls):
+            return function
+        kept = [getattr(function, "__wrapped__", None)]
+        kept += [cell.cell_contents for cell in getattr(function, "__closure__", None) or ()]
+        kept += list(getattr(function, "__globals__", {}).values())
+        todo += [
+            k
+            for k in kept
+            if callable(k) and str(getattr(k, "__name__", "")).endswith("shuffle_do")
+        ]
+    warnings.warn(
+        f"{cls.__name__}.shuffle_do was replaced by "
+        f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', '?')} and "
+        "Mesa's own function could not be found; disable_automatic_parallel_stepping() "
+        "will put that replacement back",
+        RuntimeWarning,
+        stacklevel=4,
+    )
+    return current
+
+
 def install(settings: Any) -> list[type]:
     """Patch every concrete Mesa agent-set class; return them. Idempotent.
 
@@ -79,7 +124,9 @@ def install(settings: Any) -> list[type]:
                 continue  # already ours
             # Keep the first function we ever replaced: if another library patched the
             # method after us, ours takes precedence again and wraps Mesa's original.
-            original = _originals.setdefault(cls, current)
+            if cls not in _originals:
+                _originals[cls] = _mesas_original(cls, current)
+            original = _originals[cls]
             cls.shuffle_do = _make_parallel(original, settings)
         return list(_originals)
 

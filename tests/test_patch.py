@@ -169,3 +169,61 @@ def test_callable_named_like_a_parallel_method_runs_in_parallel_and_lambda_does_
     model.tracker.peak = 0
     model.agents.shuffle_do(lambda a: a.step())
     assert model.tracker.peak == 1
+
+
+def _import_foreign_patch(tmp_path, monkeypatch, name="foreign_patch"):
+    """A module that patches AgentSet.shuffle_do on import, as mesa_llm 0.3 does."""
+    (tmp_path / f"{name}.py").write_text(
+        "from mesa.agentset import AgentSet\n"
+        "_original_shuffle_do = AgentSet.shuffle_do\n"
+        "calls = []\n"
+        "def _enhanced_shuffle_do(self, method, *args, **kwargs):\n"
+        "    calls.append(method)\n"
+        "    return _original_shuffle_do(self, method, *args, **kwargs)\n"
+        "AgentSet.shuffle_do = _enhanced_shuffle_do\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    # Whatever happens in the test, Mesa's own method is back afterwards.
+    monkeypatch.setattr(AgentSet, "shuffle_do", AgentSet.__dict__["shuffle_do"])
+    import importlib
+
+    return importlib.import_module(name)
+
+
+def test_a_library_that_patched_first_is_taken_over_and_mesas_original_restored(
+    tmp_path, monkeypatch
+):
+    foreign = _import_foreign_patch(tmp_path, monkeypatch)
+    assert AgentSet.shuffle_do is foreign._enhanced_shuffle_do
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=4)
+    assert AgentSet.shuffle_do.__wrapped__ is ORIGINALS[AgentSet]  # ours wraps Mesa's own
+    model = ToyModel(8, SyncAgent, delay=0.01)
+    model.agents.select().shuffle_do("step")
+    assert model.tracker.peak > 1
+    assert foreign.calls == []  # the foreign patch no longer runs
+    mlp.disable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]  # nothing left dangling
+
+
+def test_a_library_that_patches_after_us_is_overridden_by_enable(tmp_path, monkeypatch):
+    mlp.enable_automatic_parallel_stepping()
+    ours = AgentSet.__dict__["shuffle_do"]
+    foreign = _import_foreign_patch(tmp_path, monkeypatch, "late_patch")
+    assert AgentSet.shuffle_do is foreign._enhanced_shuffle_do
+    mlp.enable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is not foreign._enhanced_shuffle_do
+    assert AgentSet.shuffle_do.__wrapped__ is ORIGINALS[AgentSet]
+    assert ours.__wrapped__ is ORIGINALS[AgentSet]
+    mlp.disable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]
+
+
+def test_an_unrecoverable_replacement_is_reported(monkeypatch):
+    def replacement(self, method, *args, **kwargs):  # keeps no trace of Mesa's function
+        return self
+
+    monkeypatch.setattr(AgentSet, "shuffle_do", replacement)
+    with pytest.warns(RuntimeWarning, match="Mesa's own function could not be found"):
+        mlp.enable_automatic_parallel_stepping()
+    mlp.disable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is replacement
