@@ -486,23 +486,27 @@ class LoopbackLLMServer:
         port: int = 0,
         idle_timeout: float = 60.0,
     ) -> None:
-        self.latency = Latency.from_spec(latency, seed=seed)
-        self.max_concurrent = _optional_count("max_concurrent", max_concurrent)
-        self.rate_limit = _optional_count("rate_limit", rate_limit)
-        if not isinstance(model, str) or not model:
-            raise TypeError(f"model must be a non-empty str, got {model!r}")
-        self.model = model
+        self._latency = Latency.from_spec(latency, seed=seed)
+        self._max_concurrent = _optional_count("max_concurrent", max_concurrent)
+        self._rate_limit = _optional_count("rate_limit", rate_limit)
+        if not isinstance(model, str):
+            raise TypeError(f"model must be a str, got {model!r}")
+        if not model:
+            raise ValueError("model must be a non-empty name")
+        self._model = model
         if reply is not None and not callable(reply):
             raise TypeError(f"reply must be callable(str) -> str or None, got {reply!r}")
         self._reply = reply or deterministic_reply
-        if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-            raise ValueError(f"port must be an int from 0 to 65535, got {port!r}")
+        if isinstance(port, bool) or not isinstance(port, int):
+            raise TypeError(f"port must be an int, got {port!r}")
+        if not 0 <= port <= 65535:
+            raise ValueError(f"port must be from 0 to 65535, got {port!r}")
         self._requested_port = port
         if isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float):
             raise TypeError(f"idle_timeout must be a number of seconds, got {idle_timeout!r}")
         if not math.isfinite(idle_timeout) or idle_timeout <= 0:
             raise ValueError(f"idle_timeout must be finite and > 0 seconds, got {idle_timeout!r}")
-        self.idle_timeout = float(idle_timeout)
+        self._idle_timeout = float(idle_timeout)
 
         self._counters = _Counters()
         self._window: collections.deque[float] = collections.deque()  # accepted request times
@@ -570,6 +574,27 @@ class LoopbackLLMServer:
     ) -> None:
         self.stop()
 
+    # -- configuration (fixed when the server is made) -----------------------------------
+    @property
+    def latency(self) -> Latency:
+        """How long each request is served."""
+        return self._latency
+
+    @property
+    def max_concurrent(self) -> int | None:
+        """Most requests served at once (None: no cap)."""
+        return self._max_concurrent
+
+    @property
+    def rate_limit(self) -> int | None:
+        """Most chat-completion requests accepted in any 1-second window (None: no quota)."""
+        return self._rate_limit
+
+    @property
+    def model(self) -> str:
+        """The model name listed by ``GET /v1/models``."""
+        return self._model
+
     @property
     def running(self) -> bool:
         """Whether the server is serving requests."""
@@ -629,8 +654,8 @@ class LoopbackLLMServer:
             loop.close()
 
     async def _open(self) -> asyncio.Server:
-        if self.max_concurrent is not None:
-            self._slots = asyncio.Semaphore(self.max_concurrent)
+        if self._max_concurrent is not None:
+            self._slots = asyncio.Semaphore(self._max_concurrent)
         server = await asyncio.start_server(
             self._serve_connection,
             _HOST,
@@ -695,7 +720,7 @@ class LoopbackLLMServer:
     ) -> _Request | None:
         """The next request on the connection, or None when the client is done."""
         try:
-            async with asyncio.timeout(self.idle_timeout):
+            async with asyncio.timeout(self._idle_timeout):
                 head = await reader.readuntil(b"\r\n\r\n")
                 while head.startswith(b"\r\n"):  # stray CRLFs before a request are allowed
                     head = head[2:]
@@ -747,7 +772,7 @@ class LoopbackLLMServer:
 
     def _admit(self) -> float | None:
         """Count the request against the quota; None if admitted, else seconds to wait."""
-        quota = self.rate_limit
+        quota = self._rate_limit
         if quota is None:
             return None
         now = time.monotonic()
@@ -803,7 +828,7 @@ class LoopbackLLMServer:
                 raise
             counters.move("queued", "in_flight", "peak_concurrency")
         try:
-            seconds = self.latency.seconds_for(messages)
+            seconds = self._latency.seconds_for(messages)
             if seconds:
                 await asyncio.sleep(seconds)
             content = self._reply(prompt)

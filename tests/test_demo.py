@@ -44,3 +44,47 @@ def test_demo_model_steps_the_same_in_parallel():
     parallel.step()
     assert parallel.opinions() == sequential.opinions()
     assert parallel.llm.calls == 20
+
+
+def test_demo_server_mode_runs_the_table_over_real_http(capsys):
+    pytest.importorskip("openai", reason="--server needs 'openai' (mesa_llm_parallel[llm])")
+    assert demo.main(["--server", "--agents", "12", "--latency", "5", "--workers", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "over real HTTP" in out
+    assert "loopback server at http://127.0.0.1:" in out
+    assert "sequential" in out
+    assert "asyncio mode" in out
+    assert "threading mode (4 threads)" in out
+    assert out.count("     12") == 3  # every agent made its request in every run
+    assert "The server answered 36 of 36 requests (0 refused with 429)" in out
+    assert "same opinions: yes" in out
+
+
+def test_demo_server_answers_like_the_simulated_model():
+    pytest.importorskip("openai", reason="ServerLLM needs 'openai' (mesa_llm_parallel[llm])")
+    from mesa_llm_parallel.llm_server import LoopbackLLMServer
+
+    simulated = demo.OpinionModel(15, 0.001, seed=4)
+    simulated.step()
+    with LoopbackLLMServer(latency=demo.server_latency(0.001), seed=4) as server:
+        llm = demo.ServerLLM(server.base_url)
+        served = demo.OpinionModel(15, 0.001, seed=4, llm=llm)
+        served.step()
+        llm.close()
+    assert served.opinions() == simulated.opinions()
+    assert served.llm.calls == 15
+
+
+def test_demo_server_mode_without_openai_says_what_to_install(monkeypatch, capsys):
+    import importlib.util
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util,
+        "find_spec",
+        lambda name, *args: None if name == "openai" else real_find_spec(name, *args),
+    )
+    with pytest.raises(SystemExit) as info:
+        demo.main(["--server", "--agents", "3"])
+    assert info.value.code == 2
+    assert "pip install 'mesa_llm_parallel[llm]'" in capsys.readouterr().err

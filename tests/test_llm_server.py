@@ -1,0 +1,499 @@
+"""The loopback OpenAI-compatible server: responses, HTTP/1.1, quota, cap, statistics."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import http.client
+import json
+import socket
+import statistics
+import threading
+
+import pytest
+
+from mesa_llm_parallel.llm_server import (
+    LATENCY_KINDS,
+    Latency,
+    LoopbackLLMServer,
+    ServerStats,
+    deterministic_reply,
+)
+
+CHAT = "/v1/chat/completions"
+
+
+def _body(content: str = "Should I cooperate?", **extra) -> dict:
+    return {"model": "test-model", "messages": [{"role": "user", "content": content}], **extra}
+
+
+def _post(conn: http.client.HTTPConnection, payload, path: str = CHAT, headers=None):
+    data = payload if isinstance(payload, bytes) else json.dumps(payload).encode()
+    conn.request("POST", path, data, {"content-type": "application/json", **(headers or {})})
+    response = conn.getresponse()
+    return response, json.loads(response.read())
+
+
+@pytest.fixture
+def server():
+    with LoopbackLLMServer() as running:
+        yield running
+
+
+@pytest.fixture
+def conn(server):
+    connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    yield connection
+    connection.close()
+
+
+# -- responses ----------------------------------------------------------------------
+def test_chat_completion_has_the_openai_shape(server, conn):
+    response, data = _post(conn, _body("hello there"))
+    assert response.status == 200
+    assert response.getheader("content-type") == "application/json"
+    assert data["id"].startswith("chatcmpl-")
+    assert data["object"] == "chat.completion"
+    assert isinstance(data["created"], int)
+    assert data["model"] == "test-model"  # echoes the requested model
+    (choice,) = data["choices"]
+    assert choice["index"] == 0
+    assert choice["message"]["role"] == "assistant"
+    assert choice["message"]["content"] == deterministic_reply("hello there")
+    assert choice["finish_reason"] == "stop"
+    usage = data["usage"]
+    assert usage == {"prompt_tokens": 2, "completion_tokens": 1, "total_tokens": 3}
+
+
+def test_replies_are_deterministic_and_follow_the_last_user_message(conn):
+    prompts = [f"agent {i}, step 3" for i in range(30)]
+    first = [_post(conn, _body(p))[1]["choices"][0]["message"]["content"] for p in prompts]
+    again = [_post(conn, _body(p))[1]["choices"][0]["message"]["content"] for p in prompts]
+    assert first == again == [deterministic_reply(p) for p in prompts]
+    assert set(first) == {"agree", "disagree"}
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": [{"type": "text", "text": "agent 1, step 3"}]},
+        {"role": "assistant", "content": "ok"},
+    ]
+    _, data = _post(conn, {"model": "m", "messages": messages})
+    assert data["choices"][0]["message"]["content"] == deterministic_reply("agent 1, step 3")
+
+
+def test_custom_reply_function():
+    with LoopbackLLMServer(reply=str.upper) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        _, data = _post(conn, _body("shout"))
+        conn.close()
+    assert data["choices"][0]["message"]["content"] == "SHOUT"
+
+
+def test_models_endpoint_lists_the_model():
+    with LoopbackLLMServer(model="tiny-llm") as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        conn.request("GET", "/v1/models")
+        response = conn.getresponse()
+        data = json.loads(response.read())
+        conn.close()
+        assert server.stats().other_requests == 1
+        assert server.stats().requests == 0
+    assert response.status == 200
+    assert data["object"] == "list"
+    assert [(m["id"], m["object"]) for m in data["data"]] == [("tiny-llm", "model")]
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        (b"{not json", "not valid JSON"),
+        (b"[1, 2]", "JSON object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "'model'"),
+        ({"model": "m", "messages": []}, "'messages'"),
+        ({"model": "m", "messages": ["hi"]}, "'role'"),
+        (_body(stream=True), "streaming"),
+    ],
+)
+def test_invalid_requests_get_openai_error_bodies(server, conn, payload, fragment):
+    response, data = _post(conn, payload)
+    assert response.status == 400
+    assert data["error"]["type"] == "invalid_request_error"
+    assert fragment in data["error"]["message"]
+    stats = server.stats()
+    assert (stats.requests, stats.errors, stats.completed) == (1, 1, 0)
+    assert _post(conn, _body())[0].status == 200  # the connection stays usable
+
+
+def test_unknown_path_and_wrong_method(server, conn):
+    response, data = _post(conn, _body(), path="/v1/completions")
+    assert response.status == 404
+    assert "unknown path" in data["error"]["message"]
+    conn.request("GET", CHAT)
+    response = conn.getresponse()
+    data = json.loads(response.read())
+    assert response.status == 405
+    assert response.getheader("allow") == "POST"
+    assert server.stats().other_requests == 2
+    assert server.stats().requests == 0
+
+
+# -- HTTP/1.1 -----------------------------------------------------------------------
+def test_keep_alive_reuses_one_connection(server, conn):
+    for _ in range(5):
+        assert _post(conn, _body())[0].status == 200
+    stats = server.stats()
+    assert (stats.connections, stats.requests, stats.completed) == (1, 5, 5)
+
+
+def _raw_exchange(port: int, data: bytes) -> bytes:
+    """Send raw bytes, then read until the server closes the connection."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(data)
+        chunks = []
+        while chunk := sock.recv(65536):
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _request(body: bytes, *headers: str, version: str = "HTTP/1.1") -> bytes:
+    head = [f"POST {CHAT} {version}", "host: test", *headers]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+def test_pipelined_requests_chunked_body_and_connection_close(server):
+    body = json.dumps(_body()).encode()
+    chunked = b"%x\r\n%s\r\n%x\r\n%s\r\n0\r\n\r\n" % (10, body[:10], len(body) - 10, body[10:])
+    data = (
+        _request(body, f"content-length: {len(body)}")
+        + _request(chunked, "transfer-encoding: chunked")
+        + _request(body, f"content-length: {len(body)}", "connection: close")
+    )
+    reply = _raw_exchange(server.port, data)  # returns once the server closed
+    assert reply.count(b"HTTP/1.1 200 OK") == 3
+    assert reply.count(b"connection: close") == 1
+    stats = server.stats()
+    assert (stats.connections, stats.completed) == (1, 3)
+
+
+def test_http_1_0_closes_unless_asked_to_keep_alive(server):
+    body = json.dumps(_body()).encode()
+    reply = _raw_exchange(
+        server.port, _request(body, f"content-length: {len(body)}", version="HTTP/1.0")
+    )
+    assert reply.startswith(b"HTTP/1.1 200 OK")
+    assert b"connection: close" in reply
+    data = _request(
+        body, f"content-length: {len(body)}", "connection: keep-alive", version="HTTP/1.0"
+    ) + _request(body, f"content-length: {len(body)}", version="HTTP/1.0")
+    reply = _raw_exchange(server.port, data)
+    assert reply.count(b"HTTP/1.1 200 OK") == 2
+    assert b"connection: keep-alive" in reply
+
+
+def test_expect_100_continue(server):
+    body = json.dumps(_body()).encode()
+    head = _request(
+        b"", f"content-length: {len(body)}", "expect: 100-continue", "connection: close"
+    )
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+        sock.sendall(head)
+        assert sock.recv(100).startswith(b"HTTP/1.1 100 Continue\r\n\r\n")
+        sock.sendall(body)
+        reply = b"".join(iter(lambda: sock.recv(65536), b""))
+    assert reply.startswith(b"HTTP/1.1 200 OK")
+
+
+@pytest.mark.parametrize(
+    ("data", "status"),
+    [
+        (b"GARBAGE\r\n\r\n", 400),
+        (b"POST /v1/chat/completions HTTP/2.0\r\n\r\n", 505),
+        (_request(b"{}", "content-length: 2", "transfer-encoding: chunked"), 400),
+        (_request(b"", "transfer-encoding: gzip"), 501),
+        (_request(b"", "content-length: 99999999999"), 413),
+        (_request(b"", "content-length: 1, 2"), 400),
+        (_request(b"", " folded: header"), 400),
+        (_request(b"", "x-big: " + "a" * 70_000), 431),
+    ],
+)
+def test_malformed_requests_are_refused_and_closed(server, data, status):
+    reply = _raw_exchange(server.port, data)
+    assert reply.startswith(f"HTTP/1.1 {status} ".encode())
+    assert b"connection: close" in reply
+    assert b'"error"' in reply
+    assert server.running  # the server goes on
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    assert _post(conn, _body())[0].status == 200
+    conn.close()
+
+
+def test_idle_connections_are_closed_after_the_idle_timeout():
+    with LoopbackLLMServer(idle_timeout=0.05) as server:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            assert sock.recv(10) == b""  # closed by the server, without a reply
+        assert server.stats().requests == 0
+
+
+def test_a_thousand_concurrent_keep_alive_connections():
+    connections = 1100
+    payload = json.dumps(_body()).encode()
+    request = _request(payload, f"content-length: {len(payload)}")
+
+    async def client(port: int) -> list[int]:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        statuses = []
+        for _ in range(2):  # two requests on the same connection
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = int(head.lower().split(b"content-length: ")[1].split(b"\r\n")[0])
+            await reader.readexactly(length)
+            statuses.append(int(head.split(b" ")[1]))
+        writer.close()
+        await writer.wait_closed()
+        return statuses
+
+    async def main(port: int) -> list[list[int]]:
+        return await asyncio.gather(*(client(port) for _ in range(connections)))
+
+    with LoopbackLLMServer(latency=0.2) as server:
+        results = asyncio.run(main(server.port))
+        stats = server.stats()
+    assert results == [[200, 200]] * connections
+    assert stats.connections == stats.peak_connections == connections
+    assert stats.completed == stats.requests == 2 * connections
+    assert stats.peak_concurrency > connections // 2  # they really were served together
+
+
+# -- the quota ----------------------------------------------------------------------
+def test_over_the_quota_answers_429_with_retry_after():
+    with LoopbackLLMServer(rate_limit=3) as limited:
+        conn = http.client.HTTPConnection("127.0.0.1", limited.port, timeout=10)
+        answers = [_post(conn, _body()) for _ in range(5)]
+        stats = limited.stats()
+        statuses = [response.status for response, _ in answers]
+        assert statuses == [200, 200, 200, 429, 429]
+        response, data = answers[3]
+        retry_after = int(response.getheader("retry-after"))
+        retry_after_ms = int(response.getheader("retry-after-ms"))
+        assert retry_after == 1
+        assert 0 < retry_after_ms <= 1000
+        assert response.getheader("x-ratelimit-limit-requests") == "3"
+        assert response.getheader("x-ratelimit-remaining-requests") == "0"
+        assert data["error"]["type"] == "requests"
+        assert data["error"]["code"] == "rate_limit_exceeded"
+        assert "Rate limit" in data["error"]["message"]
+        assert (stats.requests, stats.completed, stats.rate_limited) == (5, 3, 2)
+
+        # Once the window has moved past the accepted requests, the quota is free again.
+        threading.Event().wait(retry_after_ms / 1000 + 0.05)
+        assert _post(conn, _body())[0].status == 200
+        conn.close()
+
+
+# -- the concurrency cap ------------------------------------------------------------
+async def _burst(port: int, n: int) -> list[int]:
+    """``n`` requests at once, each on its own connection; their statuses."""
+
+    async def one(i: int) -> int:
+        payload = json.dumps(_body(f"agent {i}")).encode()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(_request(payload, f"content-length: {len(payload)}", "connection: close"))
+        reply = await reader.read()
+        writer.close()
+        await writer.wait_closed()
+        return int(reply.split(b" ")[1])
+
+    return list(await asyncio.gather(*(one(i) for i in range(n))))
+
+
+def test_concurrency_cap_queues_the_excess():
+    with LoopbackLLMServer(latency=0.02, max_concurrent=4) as server:
+        statuses = asyncio.run(_burst(server.port, 40))
+        stats = server.stats()
+    assert statuses == [200] * 40  # queued, not refused
+    assert stats.peak_concurrency == 4
+    assert stats.peak_queued > 0
+    assert stats.completed == 40
+    assert (stats.in_flight, stats.queued) == (0, 0)
+
+
+def test_no_cap_serves_everything_at_once():
+    with LoopbackLLMServer(latency=0.1) as server:
+        asyncio.run(_burst(server.port, 30))
+        stats = server.stats()
+    assert stats.peak_concurrency > 1
+    assert stats.peak_queued == 0
+
+
+# -- latency ------------------------------------------------------------------------
+def _messages(i: int) -> list[dict]:
+    return [{"role": "user", "content": f"agent {i}"}]
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        0.03,
+        ("constant", {"seconds": 0.03}),
+        ("uniform", {"low": 0.01, "high": 0.05}),
+        ("lognormal", {"mean": 0.03, "sigma": 0.5}),
+        ("gamma", {"mean": 0.03, "shape": 4}),
+        ("exponential", {"mean": 0.03}),
+        lambda rng: rng.choice([0.01, 0.05]),
+    ],
+)
+def test_latency_is_a_reproducible_function_of_seed_and_messages(spec):
+    latency = Latency.from_spec(spec, seed=7)
+    draws = [latency.seconds_for(_messages(i)) for i in range(2000)]
+    assert draws == [Latency.from_spec(spec, seed=7).seconds_for(_messages(i)) for i in range(2000)]
+    assert draws[::-1] == [latency.seconds_for(_messages(i)) for i in reversed(range(2000))]
+    assert all(d >= 0 for d in draws)
+    assert statistics.fmean(draws) == pytest.approx(0.03, rel=0.1)
+
+
+def test_latency_depends_on_the_seed_and_respects_bounds():
+    a = [
+        Latency.from_spec(("uniform", {"low": 0.01, "high": 0.02}), seed=1).seconds_for(
+            _messages(i)
+        )
+        for i in range(200)
+    ]
+    b = [
+        Latency.from_spec(("uniform", {"low": 0.01, "high": 0.02}), seed=2).seconds_for(
+            _messages(i)
+        )
+        for i in range(200)
+    ]
+    assert a != b
+    assert all(0.01 <= x <= 0.02 for x in a + b)
+    assert set(LATENCY_KINDS) == {"constant", "uniform", "lognormal", "gamma", "exponential"}
+
+
+@pytest.mark.parametrize(
+    ("spec", "error", "fragment"),
+    [
+        (-1, ValueError, "must be finite and >= 0"),
+        (True, TypeError, "latency must be"),
+        ("fast", TypeError, "latency must be"),
+        (("weibull", {"mean": 1}), ValueError, "unknown latency kind 'weibull'"),
+        (("gamma", {"mean": 1}), ValueError, "takes the parameters mean, shape"),
+        (("lognormal", {"mean": 0, "sigma": 1}), ValueError, "mean must be finite and > 0"),
+        (("uniform", {"low": 2, "high": 1}), ValueError, "must be >= low"),
+        (("uniform", [1, 2]), TypeError, "(kind, {param: value})"),
+    ],
+)
+def test_bad_latency_specs(spec, error, fragment):
+    with pytest.raises(error, match=fragment.replace("(", r"\(").replace(")", r"\)")):
+        Latency.from_spec(spec)
+
+
+def test_a_faulty_latency_callable_gives_500_and_the_server_goes_on():
+    with LoopbackLLMServer(latency=lambda rng: -1.0) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        conn.close()
+        stats = server.stats()
+    assert response.status == 500
+    assert data["error"]["type"] == "server_error"
+    assert (stats.requests, stats.errors, stats.in_flight) == (1, 1, 0)
+
+
+# -- statistics and lifecycle -------------------------------------------------------
+def test_stats_are_frozen_and_reset(server, conn):
+    _post(conn, _body())
+    stats = server.stats()
+    assert isinstance(stats, ServerStats)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        stats.requests = 0  # type: ignore[misc]
+    server.reset_stats()
+    after = server.stats()
+    assert (after.requests, after.completed, after.connections) == (0, 0, 0)
+    assert after.open_connections == after.peak_connections == 1  # still open
+    _post(conn, _body())
+    assert server.stats().requests == 1
+
+
+def test_stats_from_many_threads_while_serving():
+    seen: list[ServerStats] = []
+    with LoopbackLLMServer(latency=0.005) as server:
+        stop = threading.Event()
+
+        def watch():
+            while not stop.wait(0.001):
+                seen.append(server.stats())
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        asyncio.run(_burst(server.port, 50))
+        stop.set()
+        watcher.join()
+    assert all(s.completed <= s.requests and s.in_flight <= s.peak_concurrency for s in seen)
+
+
+def test_lifecycle():
+    server = LoopbackLLMServer()
+    with pytest.raises(RuntimeError, match="no port until it is started"):
+        _ = server.base_url
+    assert not server.running
+    assert server.start() is server
+    assert server.running
+    assert server.base_url == f"http://127.0.0.1:{server.port}/v1"
+    assert server.port > 0
+    assert "127.0.0.1" in repr(server)
+    with pytest.raises(RuntimeError, match="already started"):
+        server.start()
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    _post(conn, _body())  # leaves an idle keep-alive connection open
+    server.stop()
+    server.stop()  # idempotent
+    assert not server.running
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", server.port), timeout=1).close()
+    conn.close()
+
+
+def test_stop_while_requests_are_in_flight_returns_promptly():
+    server = LoopbackLLMServer(latency=30.0).start()
+    port = server.port
+    results: list[object] = []
+
+    def call():
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        try:
+            _post(conn, _body())
+        except (http.client.HTTPException, OSError) as exc:
+            results.append(exc)
+        conn.close()
+
+    caller = threading.Thread(target=call)
+    caller.start()
+    while server.stats().in_flight == 0:
+        threading.Event().wait(0.005)
+    server.stop()
+    caller.join(5)
+    assert not caller.is_alive()
+    assert len(results) == 1  # the client saw its connection closed
+
+
+def test_the_port_in_use_raises_at_start(server):
+    with pytest.raises(OSError, match="address already in use"):
+        LoopbackLLMServer(port=server.port).start()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"max_concurrent": 0}, ValueError),
+        ({"max_concurrent": 1.5}, TypeError),
+        ({"rate_limit": 0}, ValueError),
+        ({"rate_limit": True}, TypeError),
+        ({"port": 70000}, ValueError),
+        ({"port": "80"}, TypeError),
+        ({"model": ""}, ValueError),
+        ({"model": None}, TypeError),
+        ({"reply": "agree"}, TypeError),
+        ({"idle_timeout": 0}, ValueError),
+    ],
+)
+def test_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        LoopbackLLMServer(**kwargs)
