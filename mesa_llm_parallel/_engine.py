@@ -30,7 +30,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Sequence
+from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
@@ -711,52 +711,47 @@ def _wait_with_timeouts(
 
 
 # -- from synchronous code ----------------------------------------------------------
-def run_step_sync(step: Step, model: Any) -> StepReport:
-    """Run ``step`` from synchronous code in its mode; close it and return its report.
+@contextlib.contextmanager
+def _step_scope(step: Step, model: Any) -> Iterator[None]:
+    """Close ``step`` however it ends, and keep ``model`` stepping if anything escapes.
 
-    Raises the first failure (``on_error="raise"``) after the report is stored, and
-    re-raises an interrupt after marking the report as interrupted. Either way the
-    model is prepared to keep stepping (see :mod:`mesa_llm_parallel._recovery`).
+    On normal exit the report is stored and, with ``on_error="raise"``, the first
+    failure is raised; on an exception (an interrupt, a cancellation) the report is
+    marked interrupted. Either way an escaping exception prepares the model to step
+    again (see :mod:`mesa_llm_parallel._recovery`).
     """
     try:
         try:
-            if step.mode == "threading":
-                run_step_threaded(step)
-            else:
-                # Decided here, in the calling thread: the step itself may run on another
-                # thread's loop (the background loop), where the answer would be wrong.
-                nested = is_pool_thread()
-                run_coroutine_sync(
-                    lambda: run_step_async(step, nested=nested), loop_policy=step.cfg.loop
-                )
+            yield
         except BaseException:
             step.close(model, interrupted=True)
             raise
-        return _close_and_raise(step, model)
+        report = step.close(model)
+        if step.cfg.on_error == "raise":
+            raise_failures(report)
     except BaseException:
         recovery.arm(model)
         raise
 
 
-async def run_step_in_loop(step: Step, model: Any) -> StepReport:
-    """Run ``step`` on the running loop (nothing nested); close it; return its report."""
-    try:
-        try:
-            await run_step_async(step)
-        except BaseException:
-            step.close(model, interrupted=True)
-            raise
-        return _close_and_raise(step, model)
-    except BaseException:
-        recovery.arm(model)
-        raise
+def run_step_sync(step: Step, model: Any) -> None:
+    """Run ``step`` from synchronous code in its mode, then close it (see _step_scope)."""
+    with _step_scope(step, model):
+        if step.mode == "threading":
+            run_step_threaded(step)
+        else:
+            # Decided here, in the calling thread: the step itself may run on another
+            # thread's loop (the background loop), where the answer would be wrong.
+            nested = is_pool_thread()
+            run_coroutine_sync(
+                lambda: run_step_async(step, nested=nested), loop_policy=step.cfg.loop
+            )
 
 
-def _close_and_raise(step: Step, model: Any) -> StepReport:
-    report = step.close(model)
-    if step.cfg.on_error == "raise":
-        raise_failures(report)
-    return report
+async def run_step_in_loop(step: Step, model: Any) -> None:
+    """Run ``step`` on the running loop (nothing nested), then close it."""
+    with _step_scope(step, model):
+        await run_step_async(step)
 
 
 def model_of(agents: Sequence[Any]) -> Any:
