@@ -263,6 +263,11 @@ def ParallelSteppingControls(  # noqa: N802
         :data:`panel_choices`, outside the model, and applied to each new model the
         component is called with, after the model's own ``__init__`` ran.
 
+    Note:
+        With ipyvuetify 3 (Solara 1.64's default), SolaraViz's main area, where its
+        ``components`` go, does not load in a browser; :func:`ParallelSteppingSidebar`
+        is not affected. See the "Solara dashboards" page of the documentation.
+
     Args:
         model: The live Mesa model (SolaraViz passes it).
         sidebar: Put the card into the app's sidebar (``solara.Sidebar``) instead of
