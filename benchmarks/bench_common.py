@@ -12,6 +12,7 @@ import datetime
 import gc
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -48,7 +49,12 @@ class Config:
         flag_off_pairs: Interleaved pairs (Mesa untouched, patch installed) per small
             example model.
         flag_off_large_pairs: The same for the large example models (slower to build).
-        sequential_repeats: Repeats of the 20-agent sequential baseline.
+        sequential_repeats: Repeats of the 20-agent sequential baseline (and of the
+            sequential samples over HTTP).
+        http_repeats: Timed repeats per variant in the HTTP scenarios (6-9).
+        http_full: Also measure the heavy cells of the HTTP matrix (5,000 agents in
+            every mode and latency) and of the reference comparison.
+        allow_install: The reference scenario may create its venvs (needs PyPI).
     """
 
     quick: bool
@@ -56,6 +62,9 @@ class Config:
     flag_off_pairs: int
     flag_off_large_pairs: int
     sequential_repeats: int
+    http_repeats: int = 3
+    http_full: bool = False
+    allow_install: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,6 +227,13 @@ def environment() -> dict[str, Any]:
         load: list[float] | None = [round(x, 2) for x in os.getloadavg()]
     except OSError:
         load = None
+    try:
+        import openai
+
+        openai_version = openai.__version__
+    except ImportError:
+        openai_version = "not installed"
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     return {
         "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -229,4 +245,6 @@ def environment() -> dict[str, Any]:
         "cpu": _cpu_model(),
         "load_average_at_start": load,
         "executable": sys.executable,
+        "openai": openai_version,
+        "open_files_limit": f"{soft} (hard {hard})",
     }

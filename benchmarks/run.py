@@ -2,10 +2,13 @@
 
 How to run it (from the repository root)::
 
-    ./dev bench                      # full run, about 2-3 minutes on 2 cores
-    ./dev bench --quick              # smoke run, under 30 seconds
+    ./dev bench                      # full run, about 10 minutes on 2 cores
+    ./dev bench --quick              # smoke run, under 40 seconds, no network
+    ./dev bench --plots              # full run, then the figures in docs/_static/bench/
+    ./dev bench --plots-from docs/_static/bench/results.json   # redraw only
     ./dev bench --json results.json  # also write every figure and sample as JSON
     ./dev bench --only machinery flag-off --repeats 9
+    ./dev bench --only http ratelimit reference --http-full    # the heavy cells too
 
 ``./dev bench`` runs ``.venv/bin/python benchmarks/run.py`` with the same options.
 
@@ -19,7 +22,20 @@ Scenarios (each is one or more rows of the printed table, with its target):
    and the asyncio machinery against a bare ``asyncio.gather``;
 4. flag off: Mesa's BoltzmannWealth and Schelling examples with the patch installed
    but not asked for, against Mesa untouched;
-5. the sequential baseline, measured on 20 agents and extrapolated to 1,000.
+5. the sequential baseline, measured on 20 agents and extrapolated to 1,000;
+6. ``http``: agents calling the loopback server (its own process) through the real
+   ``openai`` clients: 100 / 1,000 (/ 5,000) agents x 0 / 50 / 500 ms x asyncio and
+   threading, each against the bare baseline of the same client calls, and sequential
+   Mesa measured on a sample and extrapolated;
+7. ``http-cap``: the server serves C requests at once, the library's
+   ``max_concurrency`` is C, against a bare gather under a semaphore (and a bare pool);
+8. ``ratelimit``: a server quota with 429s beyond it, with and without the library's
+   ``rate_limit`` at 90% of it;
+9. ``reference``: mesa-llm 0.3.2's parallel stepping in venvs of its own under
+   ``.cache/`` (made on first use; needs PyPI; never with ``--quick``), same server,
+   same agents, interleaved with ours;
+10. ``client-pool`` (only with ``--only``): the same asyncio step with ``openai``'s
+    default connection pool against the pool the HTTP scenarios configure.
 
 The machine is assumed shared and noisy: variants are interleaved within one run and
 figures are medians of repeats (minimum beside them). Compare ratios, not absolute
@@ -41,8 +57,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import Config, Row, environment
 from bench_flag_off import flag_off
+from bench_http import client_pool, http_cap, http_matrix
 from bench_latency import asyncio_latency, sequential_baseline, threading_latency
 from bench_machinery import machinery
+from bench_ratelimit import rate_limit
+from bench_reference import reference
 
 import mesa_llm_parallel
 
@@ -52,7 +71,16 @@ SCENARIOS: dict[str, Callable[[Config], list[Row]]] = {
     "machinery": machinery,
     "flag-off": flag_off,
     "sequential": sequential_baseline,
+    "http": http_matrix,
+    "http-cap": http_cap,
+    "ratelimit": rate_limit,
+    "reference": reference,
+    "client-pool": client_pool,
 }
+#: Scenarios run only when named with --only.
+OPT_IN = ("client-pool",)
+#: Where ``--plots`` writes the figures and the JSON they are drawn from.
+PLOTS_DIR = Path(__file__).resolve().parent.parent / "docs" / "_static" / "bench"
 
 REFERENCE_NOTE = (
     "reference = mesa-llm 0.3.2's parallel stepping, measured on this kind of machine on "
@@ -66,7 +94,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         description="Measure mesa_llm_parallel against its targets and print a table.",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="smoke run: few repeats, small workloads (< 30 s)"
+        "--quick",
+        action="store_true",
+        help="smoke run: few repeats, small workloads, no venv creation (< 40 s)",
     )
     parser.add_argument(
         "--repeats",
@@ -89,17 +119,54 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         choices=list(SCENARIOS),
         default=None,
         metavar="SCENARIO",
-        help=f"run only these scenarios ({', '.join(SCENARIOS)})",
+        help=(
+            f"run only these scenarios ({', '.join(SCENARIOS)}; "
+            f"{', '.join(OPT_IN)} runs only when named here)"
+        ),
     )
     parser.add_argument("--json", type=Path, default=None, metavar="PATH", help="write JSON here")
+    parser.add_argument(
+        "--plots",
+        action="store_true",
+        help=(
+            f"after the run, write the figures (PNG) and the run's JSON to "
+            f"{PLOTS_DIR.relative_to(PLOTS_DIR.parents[2])}/"
+        ),
+    )
+    parser.add_argument(
+        "--plots-from",
+        type=Path,
+        default=None,
+        metavar="JSON",
+        help="run nothing: draw the figures from the JSON of an earlier run",
+    )
+    parser.add_argument(
+        "--http-repeats",
+        type=int,
+        default=None,
+        help="timed repeats per variant in the HTTP scenarios (default 3, 1 with --quick)",
+    )
+    parser.add_argument(
+        "--http-full",
+        action="store_true",
+        help=(
+            "also the heavy HTTP cells: 5,000 agents in every mode and latency, and the "
+            "reference's slowest cells (adds about 10 minutes)"
+        ),
+    )
+    parser.add_argument(
+        "--no-install",
+        action="store_true",
+        help="never create the reference venvs (the reference scenario then needs them cached)",
+    )
     parser.add_argument(
         "--strict", action="store_true", help="exit with status 1 when a target is not met"
     )
     args = parser.parse_args(argv)
-    for name in ("repeats", "pairs"):
+    for name in ("repeats", "pairs", "http_repeats"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name} must be >= 1, got {value}")
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
     return args
 
 
@@ -112,6 +179,9 @@ def make_config(args: argparse.Namespace) -> Config:
         flag_off_pairs=pairs,
         flag_off_large_pairs=max(5, 2 * pairs // 3),
         sequential_repeats=1 if args.quick else 3,
+        http_repeats=args.http_repeats or (1 if args.quick else 3),
+        http_full=args.http_full,
+        allow_install=not (args.quick or args.no_install),
     )
 
 
@@ -163,6 +233,13 @@ def format_table(rows: list[Row]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.plots_from is not None:
+        from bench_plots import write_plots
+
+        payload = json.loads(args.plots_from.read_text(encoding="utf-8"))
+        for path in write_plots(payload, PLOTS_DIR):
+            print(f"wrote {path}")
+        return 0
     cfg = make_config(args)
     env = environment()
     print(f"mesa_llm_parallel benchmarks ({'quick smoke run' if cfg.quick else 'full run'})")
@@ -174,6 +251,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(f"  nproc     {env['nproc']}    load average at start {env['load_average_at_start']}")
     print(f"  machine   {env['platform']}")
+    print(f"  openai    {env['openai']}    ulimit -n {env['open_files_limit']}")
     print(f"  cpu       {env['cpu']}")
     print(
         f"  repeats   {cfg.repeats} per variant; flag-off pairs {cfg.flag_off_pairs} (small "
@@ -183,7 +261,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print("  NOTE: --quick figures are a smoke test, not results")
     print(flush=True)
 
-    names = args.only or list(SCENARIOS)
+    names = args.only or [name for name in SCENARIOS if name not in OPT_IN]
     rows: list[Row] = []
     errors: dict[str, str] = {}
     durations: dict[str, float] = {}
@@ -221,25 +299,39 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"scenario {name} failed: {error}")
     print(f"total {sum(durations.values()):.0f} s")
 
+    payload = {
+        "environment": env,
+        "config": {
+            "quick": cfg.quick,
+            "repeats": cfg.repeats,
+            "flag_off_pairs": cfg.flag_off_pairs,
+            "flag_off_large_pairs": cfg.flag_off_large_pairs,
+            "sequential_repeats": cfg.sequential_repeats,
+            "http_repeats": cfg.http_repeats,
+            "http_full": cfg.http_full,
+            "scenarios": names,
+            "command": " ".join(
+                ["benchmarks/run.py", *(argv if argv is not None else sys.argv[1:])]
+            ),
+        },
+        "rows": [row.as_dict() for row in rows],
+        "errors": errors,
+        "durations_s": durations,
+        "reference_note": REFERENCE_NOTE,
+    }
+    text = json.dumps(payload, indent=2) + "\n"
     if args.json is not None:
-        payload = {
-            "environment": env,
-            "config": {
-                "quick": cfg.quick,
-                "repeats": cfg.repeats,
-                "flag_off_pairs": cfg.flag_off_pairs,
-                "flag_off_large_pairs": cfg.flag_off_large_pairs,
-                "sequential_repeats": cfg.sequential_repeats,
-                "scenarios": names,
-            },
-            "rows": [row.as_dict() for row in rows],
-            "errors": errors,
-            "durations_s": durations,
-            "reference_note": REFERENCE_NOTE,
-        }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(payload, indent=2) + "\n", encoding="utf-8")
+        args.json.write_text(text, encoding="utf-8")
         print(f"wrote {args.json}")
+    if args.plots:
+        from bench_plots import write_plots
+
+        PLOTS_DIR.mkdir(parents=True, exist_ok=True)
+        (PLOTS_DIR / "results.json").write_text(text, encoding="utf-8")
+        print(f"wrote {PLOTS_DIR / 'results.json'}")
+        for path in write_plots(payload, PLOTS_DIR):
+            print(f"wrote {path}")
 
     if errors:
         return 1
