@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import os
+import sys
+
 import pytest
 
 import mesa_llm_parallel as mlp
@@ -15,3 +19,23 @@ def clean_state():
     yield
     mlp.disable_automatic_parallel_stepping()
     mlp.settings.reset()
+
+
+@pytest.fixture(scope="module")
+def jupyter_env(tmp_path_factory):
+    """A ``python3`` kernelspec that starts this interpreter, found before any other.
+
+    Shared by the notebook and kernel tests. Also a private IPython directory, so no
+    user profile or startup file runs.
+    """
+    base = tmp_path_factory.mktemp("jupyter")
+    spec = base / "kernels" / "python3"
+    spec.mkdir(parents=True)
+    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
+    kernel_json = {"argv": argv, "display_name": "Python 3 (tests)", "language": "python"}
+    (spec / "kernel.json").write_text(json.dumps(kernel_json))
+    paths = [str(base), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("JUPYTER_PATH", os.pathsep.join(paths))
+        patch.setenv("IPYTHONDIR", str(base / "ipython"))
+        yield

@@ -8,7 +8,6 @@ Python with the project installed, started fresh for every test.
 from __future__ import annotations
 
 import json
-import os
 import queue
 import re
 import sys
@@ -183,25 +182,6 @@ def state(output: str) -> dict[str, Any]:
     lines = [line for line in output.splitlines() if line.startswith("STATE ")]
     assert lines, f"no state printed; the cell printed:\n{output}"
     return json.loads(lines[-1].removeprefix("STATE "))
-
-
-@pytest.fixture(scope="module")
-def jupyter_env(tmp_path_factory):
-    """A ``python3`` kernelspec that starts this interpreter, found before any other.
-
-    Also a private IPython directory, so no user profile or startup file runs.
-    """
-    base = tmp_path_factory.mktemp("jupyter")
-    spec = base / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    kernel_json = {"argv": argv, "display_name": "Python 3 (tests)", "language": "python"}
-    (spec / "kernel.json").write_text(json.dumps(kernel_json))
-    paths = [str(base), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JUPYTER_PATH", os.pathsep.join(paths))
-        patch.setenv("IPYTHONDIR", str(base / "ipython"))
-        yield
 
 
 @pytest.fixture

@@ -7,10 +7,7 @@ folder, as Jupyter would run them.
 
 from __future__ import annotations
 
-import json
-import os
 import re
-import sys
 from pathlib import Path
 
 import nbformat
@@ -23,25 +20,6 @@ NOTEBOOKS = sorted((ROOT / "notebooks").glob("*.ipynb"))
 TUTORIALS = {"quickstart.ipynb", "async.ipynb"}
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-
-
-@pytest.fixture(scope="module")
-def jupyter_env(tmp_path_factory):
-    """A ``python3`` kernelspec that starts this interpreter, found before any other.
-
-    Also a private IPython directory, so no user profile or startup file runs.
-    """
-    base = tmp_path_factory.mktemp("jupyter")
-    spec = base / "kernels" / "python3"
-    spec.mkdir(parents=True)
-    argv = [sys.executable, "-m", "ipykernel_launcher", "-f", "{connection_file}"]
-    kernel_json = {"argv": argv, "display_name": "Python 3 (tests)", "language": "python"}
-    (spec / "kernel.json").write_text(json.dumps(kernel_json))
-    paths = [str(base), *filter(None, os.environ.get("JUPYTER_PATH", "").split(os.pathsep))]
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("JUPYTER_PATH", os.pathsep.join(paths))
-        patch.setenv("IPYTHONDIR", str(base / "ipython"))
-        yield
 
 
 def test_the_tutorials_are_there():
