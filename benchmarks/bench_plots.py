@@ -346,12 +346,19 @@ def plot_reference(rows: Rows, caption: str, path: Path) -> Path | None:
         return None
     keys = sorted(ref, key=lambda k: (k[0], k[2], k[1]))
     version = next(iter(ref.values()))["mesa"]
+    ours_version = next(iter(ref.values())).get("ours_mesa", "3.5")
     fig, ax = plt.subplots(figsize=(max(10.0, 1.1 * len(keys) + 2), 5.2))
     x = list(range(len(keys)))
     width = 0.38
     ours = [ref[k]["ours"]["median"] for k in keys]
     theirs = [ref[k]["theirs"]["median"] for k in keys]
-    ax.bar([i - width / 2 for i in x], ours, width, color="#2ca02c", label="ours (Mesa 3.5)")
+    ax.bar(
+        [i - width / 2 for i in x],
+        ours,
+        width,
+        color="#2ca02c",
+        label=f"ours (Mesa {ours_version})",
+    )
     ax.bar(
         [i + width / 2 for i in x],
         theirs,

@@ -129,7 +129,9 @@ class ReferenceVenv:
                 return f"could not create {self.path.name}: {exc}"
             if done.returncode != 0:
                 errors = [line for line in done.stderr.splitlines() if "ERROR" in line]
-                tail = "; ".join(errors[-3:] or done.stderr.splitlines()[-3:])
+                tail = "; ".join(
+                    line[:200] for line in errors[-3:] or done.stderr.splitlines()[-3:]
+                )
                 return f"could not create {self.path.name} (pip status {done.returncode}): {tail}"
         self._marker.write_text(json.dumps(self.requirements), encoding="utf-8")
         print(f"    ... done in {time.perf_counter() - start:.0f} s", flush=True)
@@ -435,7 +437,8 @@ def reference(cfg: Config) -> list[Row]:
         by_latency.setdefault(cell[2], []).append(cell)
 
     with contextlib.ExitStack() as stack:
-        ours_worker = stack.enter_context(_worker(sys.executable, "ours"))
+        if any(reason is None for reason in reasons.values()):
+            ours_worker = stack.enter_context(_worker(sys.executable, "ours"))
         if reasons[venv34.path.name] is not None:
             rows.append(
                 _not_run(
