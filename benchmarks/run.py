@@ -151,7 +151,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         action="store_true",
         help=(
             "also the heavy HTTP cells: 5,000 agents in every mode and latency, and the "
-            "reference's slowest cells (adds about 10 minutes)"
+            "reference's slowest cells (adds about 13 minutes)"
         ),
     )
     parser.add_argument(
