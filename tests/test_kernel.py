@@ -56,8 +56,10 @@ class Caller(mesa.Agent):
         print(f"agent {self.unique_id} started", flush=True)
 
     async def astep(self):
-        self._started()
+        # The interrupt may land while the agent is still printing (ipykernel's flush
+        # waits for its I/O thread, which has already sent the line): count it inside.
         try:
+            self._started()
             await asyncio.sleep(self.model.latency)
         finally:
             self.ended += 1
