@@ -42,6 +42,11 @@ def wants_parallel(cfg: SettingsSnapshot, method: object) -> bool:
 def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[..., Any]:
     @functools.wraps(original)
     def shuffle_do(self: Any, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        # Another library may have kept this function as "the original" it wraps
+        # (mesa_llm does when it is imported after enable): once disabled, such a
+        # leftover reference behaves exactly like Mesa's own method.
+        if not _originals:
+            return original(self, method, *args, **kwargs)
         cfg = settings.snapshot()
         if not wants_parallel(cfg, method):
             return original(self, method, *args, **kwargs)
@@ -50,6 +55,8 @@ def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[...,
         del agent
         if model is None or not getattr(model, "parallel_stepping", cfg.parallel_by_default):
             return original(self, method, *args, **kwargs)
+        if _displaced():
+            _take_back(settings)
         entries, resolve = shuffled_members(self)
         run_step_sync(Step(entries, resolve, method, args, kwargs, cfg, cfg.mode), model)
         return self
@@ -102,6 +109,37 @@ def _mesas_original(cls: type, current: Any) -> Any:
     return current
 
 
+def _displaced() -> bool:
+    """Whether another library replaced our method on a class since we patched it."""
+    return any(
+        getattr(cls.__dict__.get("shuffle_do"), _MARK, None) is None for cls in tuple(_originals)
+    )
+
+
+def _take_back(settings: Any) -> None:
+    """Patch again the classes whose method another library replaced after ``enable``.
+
+    mesa_llm, imported after ``enable``, installs its own ``AgentSet.shuffle_do``; left
+    in place, steps of plain ``AgentSet``s would run through it while the model's own
+    agent set runs through ours. Ours takes precedence, with one warning.
+    """
+    with _lock:
+        for cls in tuple(_originals):
+            current = cls.__dict__.get("shuffle_do")
+            if getattr(current, _MARK, None) is not None:
+                continue
+            warnings.warn(
+                f"{cls.__name__}.shuffle_do had been replaced by "
+                f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', '?')} "
+                "after enable_automatic_parallel_stepping(); mesa_llm_parallel's parallel "
+                "stepping is put back. Call enable_automatic_parallel_stepping() after "
+                "importing that library to avoid this warning.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+            cls.shuffle_do = _make_parallel(_originals[cls], settings)
+
+
 def install(settings: Any) -> list[type]:
     """Patch every concrete Mesa agent-set class; return them. Idempotent.
 
@@ -120,12 +158,15 @@ def install(settings: Any) -> list[type]:
             )
         for cls in classes:
             current = cls.__dict__["shuffle_do"]
-            if getattr(current, _MARK, None) is not None:
+            wrapped = getattr(current, _MARK, None)
+            if cls in _originals and wrapped is not None:
                 continue  # already ours
             # Keep the first function we ever replaced: if another library patched the
             # method after us, ours takes precedence again and wraps Mesa's original.
+            # A function of ours from an earlier install that someone put back after
+            # disable wraps Mesa's original itself.
             if cls not in _originals:
-                _originals[cls] = _mesas_original(cls, current)
+                _originals[cls] = wrapped if wrapped is not None else _mesas_original(cls, current)
             original = _originals[cls]
             cls.shuffle_do = _make_parallel(original, settings)
         return list(_originals)

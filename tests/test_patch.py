@@ -183,8 +183,11 @@ def _import_foreign_patch(tmp_path, monkeypatch, name="foreign_patch"):
         "AgentSet.shuffle_do = _enhanced_shuffle_do\n"
     )
     monkeypatch.syspath_prepend(str(tmp_path))
-    # Whatever happens in the test, Mesa's own method is back afterwards.
-    monkeypatch.setattr(AgentSet, "shuffle_do", AgentSet.__dict__["shuffle_do"])
+    # Whatever happens in the test, Mesa's own method is back afterwards (monkeypatch
+    # puts back the value it replaced: make that Mesa's, keep the current one).
+    current = AgentSet.__dict__["shuffle_do"]
+    AgentSet.shuffle_do = ORIGINALS[AgentSet]
+    monkeypatch.setattr(AgentSet, "shuffle_do", current)
     import importlib
 
     return importlib.import_module(name)
@@ -214,6 +217,41 @@ def test_a_library_that_patches_after_us_is_overridden_by_enable(tmp_path, monke
     assert AgentSet.__dict__["shuffle_do"] is not foreign._enhanced_shuffle_do
     assert AgentSet.shuffle_do.__wrapped__ is ORIGINALS[AgentSet]
     assert ours.__wrapped__ is ORIGINALS[AgentSet]
+    mlp.disable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]
+
+
+def test_a_library_that_patches_after_us_is_taken_back_at_the_next_parallel_step(
+    tmp_path, monkeypatch
+):
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=4)
+    foreign = _import_foreign_patch(tmp_path, monkeypatch, "later_patch")
+    model = ToyModel(8, SyncAgent, delay=0.01)
+    with pytest.warns(RuntimeWarning, match=r"later_patch\._enhanced_shuffle_do"):
+        model.step()  # model.agents is ours on Mesa 3.5; it notices the replacement
+    assert AgentSet.__dict__["shuffle_do"].__wrapped__ is ORIGINALS[AgentSet]
+    model.tracker.peak = 0
+    model.agents.select().shuffle_do("step")  # a plain AgentSet: ours again
+    assert model.tracker.peak > 1
+    assert foreign.calls == []
+
+    mlp.disable_automatic_parallel_stepping()
+    assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]
+    # The late library kept our function as "Mesa's original"; disabled, it is Mesa's.
+    assert getattr(foreign._original_shuffle_do, "__wrapped__", None) is ORIGINALS[AgentSet]
+    model.tracker.peak = 0
+    agents = model.agents.select()
+    assert foreign._original_shuffle_do(agents, "step") is agents
+    assert model.tracker.peak == 1
+
+
+def test_a_leftover_function_of_an_earlier_enable_is_replaced_and_restored(monkeypatch):
+    mlp.enable_automatic_parallel_stepping()
+    leftover = AgentSet.__dict__["shuffle_do"]
+    mlp.disable_automatic_parallel_stepping()
+    monkeypatch.setattr(AgentSet, "shuffle_do", leftover)  # put back by someone after disable
+    mlp.enable_automatic_parallel_stepping()
+    assert AgentSet in _patch.installed_classes()
     mlp.disable_automatic_parallel_stepping()
     assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]
 
