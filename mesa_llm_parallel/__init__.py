@@ -11,7 +11,7 @@ Core objects: :data:`settings` (the live settings), the functions of
 
 from __future__ import annotations
 
-from mesa_llm_parallel._loops import last_loop_path
+from mesa_llm_parallel._loops import home_loop, last_loop_path
 from mesa_llm_parallel._ordering import in_turn, shared_lock
 from mesa_llm_parallel._report import (
     AgentFailure,
@@ -71,6 +71,7 @@ __all__ = [
     "ashuffle_do",
     "disable_automatic_parallel_stepping",
     "enable_automatic_parallel_stepping",
+    "home_loop",
     "in_turn",
     "is_automatic_parallel_stepping_enabled",
     "last_loop_path",

@@ -34,7 +34,7 @@ from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
-from mesa_llm_parallel._loops import _run_until_complete, run_coroutine_sync, thread_loop
+from mesa_llm_parallel._loops import run_coroutine_sync, run_on_thread_loop
 from mesa_llm_parallel._ordering import Turnstile, current_turn
 from mesa_llm_parallel._pool import ResizablePool, WorkerPool, _mark_pool_thread, is_pool_thread
 from mesa_llm_parallel._ratelimit import limiter
@@ -598,7 +598,7 @@ def _run_on_thread_loop(coro: Any, timeout: float | None) -> bool:
     try:
         asyncio.get_running_loop()
     except RuntimeError:
-        return _run_until_complete(thread_loop(), bounded())
+        return run_on_thread_loop(bounded)
     return run_coroutine_sync(bounded)  # an async-only agent in a worker that runs a loop
 
 
@@ -744,7 +744,9 @@ def run_step_sync(step: Step, model: Any) -> None:
             # thread's loop (the background loop), where the answer would be wrong.
             nested = is_pool_thread()
             run_coroutine_sync(
-                lambda: run_step_async(step, nested=nested), loop_policy=step.cfg.loop
+                lambda: run_step_async(step, nested=nested),
+                loop_policy=step.cfg.loop,
+                model=model,
             )
 
 

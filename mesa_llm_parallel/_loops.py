@@ -15,6 +15,14 @@ coroutines. Three situations need three answers:
   ``"background"``: the coroutine runs on a library-owned loop in a daemon thread, and
   the caller blocks until it is done.
 
+A model keeps the loop of its first asyncio step as its *home*: later steps run there
+wherever they are started from, because what agents create on a loop (an async HTTP
+client's connections, locks, queues) works on that loop only. A step started in another
+thread is sent to the home loop when that loop runs in its own thread (a notebook's
+kernel, a UI server, the background loop), or drives it in the calling thread when it is
+idle (a persistent loop whose thread is busy elsewhere or gone: such a loop stays open
+for as long as a model lives that calls it home). Only a closed home is replaced.
+
 If the caller is interrupted (``KeyboardInterrupt``) or fails while waiting, the
 coroutine is cancelled and given the chance to unwind before the exception propagates,
 so no task is left pending on a loop that will be reused.
@@ -23,20 +31,28 @@ so no task is left pending on a loop that will be reused.
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
 import contextvars
 import logging
 import threading
+import time
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Literal
 
-__all__ = ["close_loops", "last_loop_path", "run_coroutine_sync", "thread_loop"]
+__all__ = [
+    "close_loops",
+    "home_loop",
+    "last_loop_path",
+    "run_coroutine_sync",
+    "run_on_thread_loop",
+    "thread_loop",
+    "wait_event",
+]
 
 logger = logging.getLogger("mesa_llm_parallel")
 
-LoopPath = Literal["thread_loop", "running_loop", "background"]
+LoopPath = Literal["thread_loop", "running_loop", "background", "home_loop"]
 
 #: How long a cancelled coroutine may take to unwind after an interrupt, in seconds.
 _UNWIND_TIMEOUT: Final = 5.0
@@ -56,12 +72,17 @@ def _new_loop() -> asyncio.AbstractEventLoop:
 
 
 class _LoopHolder:
-    """Owns one thread's persistent loop and closes it when the thread is gone."""
+    """Owns one persistent loop and closes it when nothing needs it any more.
 
-    __slots__ = ("__weakref__", "loop")
+    That is when its thread is gone and no living model has the loop as its home. The
+    loop may be run by any thread, one at a time: whoever holds ``lock`` runs it.
+    """
+
+    __slots__ = ("__weakref__", "lock", "loop")
 
     def __init__(self) -> None:
         self.loop = _new_loop()
+        self.lock = threading.Lock()
 
     def close(self) -> None:
         loop = self.loop
@@ -82,15 +103,19 @@ _holders: weakref.WeakSet[_LoopHolder] = weakref.WeakSet()
 _holders_lock = threading.Lock()
 
 
-def thread_loop() -> asyncio.AbstractEventLoop:
-    """Return the calling thread's persistent event loop, creating it on first use."""
+def _thread_holder() -> _LoopHolder:
     holder: _LoopHolder | None = getattr(_local, "holder", None)
     if holder is None or holder.loop.is_closed():
         holder = _LoopHolder()
         _local.holder = holder
         with _holders_lock:
             _holders.add(holder)
-    return holder.loop
+    return holder
+
+
+def thread_loop() -> asyncio.AbstractEventLoop:
+    """Return the calling thread's persistent event loop, creating it on first use."""
+    return _thread_holder().loop
 
 
 def last_loop_path() -> LoopPath | None:
@@ -98,7 +123,8 @@ def last_loop_path() -> LoopPath | None:
 
     ``"thread_loop"``: the thread's own persistent loop; ``"running_loop"``: the loop
     already running in the thread (reused through nest-asyncio2); ``"background"``: the
-    library's background loop thread.
+    library's background loop thread; ``"home_loop"``: the model's home loop, which
+    belongs to another thread (the step was sent to it, or ran it here while it was idle).
     """
     return getattr(_local, "last_path", None)
 
@@ -135,7 +161,9 @@ def _can_reuse(loop: asyncio.AbstractEventLoop) -> bool:
         import nest_asyncio2
 
         try:
-            nest_asyncio2.apply(loop)
+            # run_close_loop: the patched asyncio.run keeps closing the loop it made,
+            # as the standard one does (by default it would leave it open).
+            nest_asyncio2.apply(loop, run_close_loop=True)
         except ValueError as exc:
             return _refuse(loop, exc)
         if not _nested_loops:
@@ -160,20 +188,7 @@ class _BackgroundLoop:
         self.loop.run_forever()
 
     def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        future = asyncio.run_coroutine_threadsafe(coro, self.loop)
-        try:
-            # In short waits: a Ctrl-C delivered to another thread is noticed by this
-            # one only when it runs Python code again.
-            while True:
-                try:
-                    return future.result(timeout=0.1)
-                except concurrent.futures.TimeoutError:
-                    continue
-        except BaseException:
-            if not future.done():
-                future.cancel()
-                concurrent.futures.wait([future], timeout=_UNWIND_TIMEOUT)
-            raise
+        return _send(self.loop, coro)
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -200,6 +215,12 @@ def _background_loop() -> _BackgroundLoop:
 
 
 # -- running ------------------------------------------------------------------------
+#: How often a thread that waits for another thread's loop checks on it, in seconds.
+#: Short: a Ctrl-C delivered to another thread is noticed only when this one runs
+#: Python code again.
+_POLL: Final = 0.05
+
+
 def _run_until_complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
     task = loop.create_task(coro)
     try:
@@ -213,20 +234,213 @@ def _run_until_complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, An
         raise
 
 
+class _Remote:
+    """A coroutine running on a loop that another thread runs, and its completion."""
+
+    __slots__ = ("done", "loop", "task")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> None:
+        self.loop = loop
+        self.task: asyncio.Task[Any] | None = None
+        self.done = threading.Event()
+        # The task runs in a copy of the caller's context, as if it ran here.
+        loop.call_soon_threadsafe(self._start, coro, context=contextvars.copy_context())
+
+    def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
+        self.task = self.loop.create_task(coro)
+        self.task.add_done_callback(lambda _: self.done.set())
+
+    def cancel(self) -> None:
+        with contextlib.suppress(RuntimeError):  # the loop is closed: nothing runs
+            self.loop.call_soon_threadsafe(self._cancel)
+
+    def _cancel(self) -> None:
+        if self.task is not None:  # it is: _start was scheduled first
+            self.task.cancel()
+
+    async def _finished(self) -> None:
+        if self.task is None:  # _start is queued ahead of this coroutine's first step
+            await asyncio.sleep(0)
+        await asyncio.wait([self.task])  # type: ignore[list-item]
+
+    def pump(self, holder: _LoopHolder) -> None:
+        """Run ``holder``'s loop until the task is done, whenever no other thread runs it."""
+        while not self.done.is_set():
+            if holder.lock.acquire(timeout=_POLL):
+                try:
+                    if not self.done.is_set():
+                        self.loop.run_until_complete(self._finished())
+                finally:
+                    holder.lock.release()
+
+
+def _send(
+    loop: asyncio.AbstractEventLoop,
+    coro: Coroutine[Any, Any, Any],
+    holder: _LoopHolder | None = None,
+) -> Any:
+    """Run ``coro`` on ``loop`` and block this thread until it is done.
+
+    Without ``holder`` the loop is running in its own thread (the background loop, a
+    kernel's, a UI server's). With one it is a persistent loop of ours that this thread
+    cannot run: a helper thread runs it as soon as no other thread does.
+    """
+    remote = _Remote(loop, coro)
+    if holder is not None:
+        threading.Thread(
+            target=remote.pump, args=(holder,), name="mesa-llm-parallel-loop", daemon=True
+        ).start()
+    try:
+        # In short waits: a Ctrl-C delivered to another thread is noticed by this one
+        # only when it runs Python code again.
+        while not remote.done.wait(_POLL):
+            pass
+    except BaseException:
+        remote.cancel()
+        remote.done.wait(_UNWIND_TIMEOUT)
+        raise
+    return remote.task.result()  # type: ignore[union-attr]
+
+
+def _drive(holder: _LoopHolder, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run the coroutine on ``holder``'s loop from this thread, which runs no loop.
+
+    If another thread is running that loop right now, the coroutine joins its run.
+    """
+    if holder.lock.acquire(blocking=False):
+        try:
+            return _run_until_complete(holder.loop, factory())
+        finally:
+            holder.lock.release()
+    return _send(holder.loop, factory(), holder)
+
+
+def run_on_thread_loop(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a coroutine on the calling thread's persistent loop (no loop runs here)."""
+    return _drive(_thread_holder(), factory)
+
+
+# -- homes --------------------------------------------------------------------------
+class _Home:
+    """Where a model's asyncio steps run: one loop, and its holder if the loop is ours."""
+
+    __slots__ = ("holder", "loop")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
+        self.loop = loop
+        self.holder = holder  # keeps a persistent loop open while the model lives
+
+
+#: model -> its home; weak: a model that is gone releases its home (and maybe the loop).
+_homes: weakref.WeakKeyDictionary[Any, _Home] = weakref.WeakKeyDictionary()
+_homes_lock = threading.Lock()
+_HOMELESS: Final = object()
+
+
+def home_loop(model: Any) -> asyncio.AbstractEventLoop | None:
+    """The loop ``model``'s asyncio steps run on, or None before its first one."""
+    with _homes_lock:
+        home = _homes.get(model)
+    return None if home is None or home.loop.is_closed() else home.loop
+
+
+def _set_home(model: Any, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
+    if model is None:
+        return
+    with _homes_lock, contextlib.suppress(TypeError):  # not weakly referenceable: no home
+        _homes[model] = _Home(loop, holder)
+
+
+def _run_at_home(
+    home: _Home,
+    running: asyncio.AbstractEventLoop | None,
+    factory: Callable[[], Coroutine[Any, Any, Any]],
+) -> Any:
+    """Run the step on the model's home loop; ``_HOMELESS`` if that cannot be done."""
+    loop = home.loop
+    if loop is running:
+        if not _can_reuse(loop):
+            return _HOMELESS
+        _local.last_path = "running_loop"
+        return _run_until_complete(loop, factory())
+    bg = _background
+    own = getattr(_local, "holder", None)
+    if bg is not None and loop is bg.loop:
+        _local.last_path = "background"
+    elif own is not None and loop is own.loop and home.holder is own:
+        _local.last_path = "thread_loop"
+    else:
+        _local.last_path = "home_loop"
+    holder = home.holder
+    if holder is None:  # a loop that its own thread runs: send the step there
+        if not loop.is_running():
+            return _HOMELESS  # stopped, and not ours to run
+        return _send(loop, factory())
+    if running is None:
+        return _drive(holder, factory)
+    # A different loop runs in this thread, and asyncio allows one per thread: a helper
+    # thread runs the home loop while this one waits (as it would for a sequential step).
+    return _send(loop, factory(), holder)
+
+
+def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
+    """``event.wait(timeout)`` that keeps this thread's running loop going meanwhile.
+
+    A notebook cell that waits for a background run (a panel's) blocks the kernel's
+    loop; when that loop is the home of the model the run steps, the run would wait for
+    the cell and the cell for the run. Here the loop keeps running, as it does during a
+    step started in a cell.
+    """
+    try:
+        running = asyncio.get_running_loop()
+    except RuntimeError:
+        return event.wait(timeout)
+    with _homes_lock:
+        is_home = any(home.loop is running for home in _homes.values())
+    if not is_home or not _can_reuse(running):
+        return event.wait(timeout)
+    deadline = None if timeout is None else time.monotonic() + timeout
+
+    async def waiting() -> bool:
+        while not event.is_set():
+            if deadline is not None and time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(_POLL / 5)
+        return True
+
+    return _run_until_complete(running, waiting())
+
+
 def run_coroutine_sync(
     factory: Callable[[], Coroutine[Any, Any, Any]],
     *,
     loop_policy: Literal["auto", "background"] = "auto",
+    model: Any = None,
 ) -> Any:
     """Run the coroutine made by ``factory()`` to completion and return its result.
 
-    The coroutine is created only once the loop that runs it has been chosen, so no
-    "coroutine was never awaited" warning can arise on any path.
+    With ``model``, the coroutine runs on the model's home loop, which the first call
+    for that model chooses (see the module's documentation). The coroutine is created
+    only once the loop that runs it has been chosen, so no "coroutine was never
+    awaited" warning can arise on any path.
     """
     try:
         running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
     except RuntimeError:
         running = None
+
+    if loop_policy == "auto" and model is not None:
+        with _homes_lock:
+            home = _homes.get(model)
+        if home is not None and not home.loop.is_closed():
+            result = _run_at_home(home, running, factory)
+            if result is not _HOMELESS:
+                return result
+            logger.info(
+                "mesa_llm_parallel: the home event loop of %r is not running and belongs "
+                "to another thread; the model gets a new one",
+                model,
+            )
 
     if loop_policy == "background" or (running is not None and not _can_reuse(running)):
         if _background is not None and threading.current_thread() is _background.thread:
@@ -236,11 +450,16 @@ def run_coroutine_sync(
                 "from async code"
             )
         _local.last_path = "background"
-        return _background_loop().run(factory())
+        bg = _background_loop()
+        _set_home(model, bg.loop, None)
+        return bg.run(factory())
     if running is None:
         _local.last_path = "thread_loop"
-        return _run_until_complete(thread_loop(), factory())
+        holder = _thread_holder()
+        _set_home(model, holder.loop, holder)
+        return _drive(holder, factory)
     _local.last_path = "running_loop"
+    _set_home(model, running, None)
     return _run_until_complete(running, factory())
 
 

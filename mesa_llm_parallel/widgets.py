@@ -38,6 +38,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
     ) from exc
 
 from mesa_llm_parallel import _patch
+from mesa_llm_parallel._loops import wait_event
 from mesa_llm_parallel._report import (
     StepReport,
     add_step_callback,
@@ -407,7 +408,7 @@ class ParallelSteppingPanel(widgets.VBox):
         Returns:
             True if no run is in progress any more, False if ``timeout`` ran out.
         """
-        return self._idle.wait(timeout)
+        return wait_event(self._idle, timeout)
 
     def refresh(self) -> None:
         """Re-read the settings, the model's flag and its latest report now.
@@ -434,7 +435,7 @@ class ParallelSteppingPanel(widgets.VBox):
         with self._run_lock:
             self._closed = True
         self._pause_requested.set()
-        self._idle.wait(timeout)
+        wait_event(self._idle, timeout)
         self._requests.put(None)
         thread, self._thread = self._thread, None
         if thread is not None and self._idle.is_set():

@@ -199,13 +199,45 @@ def _step_from_play_thread_then_button(model: ChatModel) -> list[mlp.StepReport]
     return reports
 
 
-def test_async_client_used_from_another_threads_loop_fails_clearly(server):
-    mlp.enable_automatic_parallel_stepping(mode="asyncio", on_error="collect")
+def test_a_step_from_another_thread_runs_on_the_models_home_loop(server):
+    mlp.enable_automatic_parallel_stepping(mode="asyncio")
     model = ChatModel(5, server.base_url, seed=1)
-    model.step()  # on this thread's persistent loop
-    thread = threading.Thread(target=model.step)  # on the other thread's own loop
+    model.step()  # on this thread's persistent loop: the model's home from now on
+    home = mlp.home_loop(model)
+    assert home is mlp._loops.thread_loop()
+    seen: list[object] = []
+
+    def play() -> None:
+        model.step()
+        seen.extend([mlp.last_loop_path(), mlp.home_loop(model)])
+
+    thread = threading.Thread(target=play)  # no loop runs there; it has its own
     thread.start()
     thread.join(30)
+    assert seen == ["home_loop", home]
+    assert mlp.last_step_report(model).failures == ()
+    stats = server.stats()
+    assert stats.completed == 10
+    assert stats.connections <= 5  # the second step reused the first step's connections
+    model.close()
+
+
+def test_play_thread_then_button_then_play_share_one_async_client(server):
+    mlp.enable_automatic_parallel_stepping(mode="asyncio")
+    model = ChatModel(10, server.base_url, seed=1)
+    reports = _step_from_play_thread_then_button(model)
+    assert [r.failures for r in reports] == [(), (), ()]
+    assert server.stats().completed == 30
+    assert server.stats().connections <= 10
+    model.close()
+
+
+def test_async_client_awaited_on_a_foreign_loop_fails_clearly(server):
+    mlp.enable_automatic_parallel_stepping(mode="asyncio", on_error="collect")
+    model = ChatModel(5, server.base_url, seed=1)
+    model.step()  # the client now belongs to the model's home loop
+    # The async entry runs on the caller's loop, whatever the model's home is.
+    asyncio.run(mlp.ashuffle_do(model.agents, "step"))
     report = mlp.last_step_report(model)
     assert {type(f.exception) for f in report.failures} == {RuntimeError}
     assert "first used on another event loop" in str(report.failures[0].exception)

@@ -1,0 +1,306 @@
+"""A model's home loop: every asyncio step of a model runs on one event loop.
+
+Agents keep things that belong to the loop they were made on (an async HTTP client's
+connections, asyncio locks and queues). These tests step one model from a script, from
+worker threads, from inside running loops and from a loop that another thread runs, and
+check where the agents really ran.
+"""
+
+from __future__ import annotations
+
+import _thread
+import asyncio
+import gc
+import threading
+import time
+import weakref
+
+import mesa
+import pytest
+
+import mesa_llm_parallel as mlp
+from mesa_llm_parallel import _loops
+
+WAIT = 30.0  # bounds a hang; no test expects to come near it
+
+
+class LoopBound:
+    """Like an async client: made on the loop of its first use, and only usable there."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.get_running_loop()
+
+    async def call(self, delay: float) -> None:
+        if asyncio.get_running_loop() is not self.loop:
+            raise RuntimeError("used on another event loop than the one it was made on")
+        await asyncio.sleep(delay)
+
+
+class Caller(mesa.Agent):
+    async def astep(self) -> None:
+        model = self.model
+        with model.lock:
+            model.where.add((threading.get_ident(), id(asyncio.get_running_loop())))
+            model.in_flight += 1
+            model.peak = max(model.peak, model.in_flight)
+        try:
+            if model.client is None:
+                model.client = LoopBound()
+            await model.client.call(model.delay)
+        finally:
+            with model.lock:
+                model.in_flight -= 1
+
+
+class Calls(mesa.Model):
+    def __init__(self, n: int = 8, delay: float = 0.01) -> None:
+        super().__init__(rng=3)
+        self.parallel_stepping = True
+        self.delay = delay
+        self.client: LoopBound | None = None
+        self.lock = threading.Lock()
+        self.where: set[tuple[int, int]] = set()
+        self.in_flight = 0
+        self.peak = 0
+        Caller.create_agents(self, n)
+
+    def step(self) -> None:
+        self.agents.shuffle_do("step")
+
+    def threads(self) -> set[int]:
+        return {thread for thread, _ in self.where}
+
+    def loops(self) -> set[int]:
+        return {loop for _, loop in self.where}
+
+
+@pytest.fixture(autouse=True)
+def _asyncio_mode():
+    mlp.enable_automatic_parallel_stepping(mode="asyncio")
+
+
+def in_thread(function, *args):
+    """Run ``function`` in a new thread; return what it returned, or raise what it raised."""
+    result: list = []
+    failure: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            result.append(function(*args))
+        except BaseException as exc:  # handed to the test
+            failure.append(exc)
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join(WAIT)
+    assert not thread.is_alive(), "the thread did not finish"
+    if failure:
+        raise failure[0]
+    return result[0]
+
+
+def step_and_path(model: Calls) -> str | None:
+    model.step()
+    return mlp.last_loop_path()
+
+
+class LoopThread:
+    """An event loop running forever in its own thread, like a kernel's or a UI server's."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+
+    def call(self, function, *args):
+        """Call ``function`` from a coroutine on the loop (code inside the running loop)."""
+
+        async def inside():
+            return function(*args)
+
+        return asyncio.run_coroutine_threadsafe(inside(), self.loop).result(WAIT)
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(WAIT)
+        self.loop.close()
+
+
+@pytest.fixture
+def loop_thread():
+    running = LoopThread()
+    yield running
+    running.close()
+
+
+# -- tests ----------------------------------------------------------------------------
+def test_steps_from_several_threads_all_run_on_the_first_steps_loop():
+    model = Calls()
+    assert mlp.home_loop(model) is None
+    assert step_and_path(model) == "thread_loop"
+    home = mlp.home_loop(model)
+    assert home is _loops.thread_loop()
+    assert in_thread(step_and_path, model) == "home_loop"
+    assert in_thread(step_and_path, model) == "home_loop"
+    assert step_and_path(model) == "thread_loop"
+    assert model.loops() == {id(home)}
+    assert mlp.last_step_report(model).failures == ()
+    assert model.steps == 4
+
+
+def test_a_home_loop_outlives_its_thread_while_the_model_lives_then_closes():
+    model = Calls()
+    assert in_thread(step_and_path, model) == "thread_loop"  # that thread then ends
+    home = mlp.home_loop(model)
+    assert home is not None
+    assert not home.is_closed()
+    assert step_and_path(model) == "home_loop"  # driven from this thread now
+    assert mlp.last_step_report(model).failures == ()
+    assert model.loops() == {id(home)}
+    assert len(model.threads()) == 2
+
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the home does not keep the model alive
+    assert home.is_closed()  # and the loop went with the last model that needed it
+
+
+def test_inside_a_running_loop_a_model_homed_elsewhere_steps_on_its_home():
+    model = Calls()
+    in_thread(step_and_path, model)
+    home = mlp.home_loop(model)
+
+    async def button_handler() -> str | None:  # a UI handler: another loop runs here
+        return step_and_path(model)
+
+    assert asyncio.run(button_handler()) == "home_loop"
+    assert model.loops() == {id(home)}
+    assert threading.get_ident() not in model.threads()  # a helper thread ran the home loop
+    assert mlp.last_step_report(model).failures == ()
+
+
+def test_a_model_homed_on_a_loop_another_thread_runs_is_stepped_there(loop_thread):
+    model = Calls()
+    assert loop_thread.call(step_and_path, model) == "running_loop"  # reused, nested
+    assert mlp.home_loop(model) is loop_thread.loop
+    assert step_and_path(model) == "home_loop"  # from this thread: sent to that loop
+    assert in_thread(step_and_path, model) == "home_loop"
+    assert model.threads() == {loop_thread.thread.ident}
+    assert model.loops() == {id(loop_thread.loop)}
+    assert model.peak == len(model.agents)  # still concurrent there
+    assert mlp.last_step_report(model).failures == ()
+
+
+def test_two_models_sharing_a_home_step_at_once_from_two_threads():
+    first, second = Calls(delay=0.2), Calls(delay=0.2)
+    first.step()
+    second.step()
+    home = mlp.home_loop(first)
+    assert mlp.home_loop(second) is home
+    start = threading.Barrier(2)
+
+    def step(model: Calls) -> None:
+        start.wait(WAIT)
+        model.step()
+
+    threads = [threading.Thread(target=step, args=(m,)) for m in (first, second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(WAIT)
+    for model in (first, second):
+        assert model.steps == 2
+        assert model.loops() == {id(home)}
+        assert mlp.last_step_report(model).failures == ()
+
+
+def test_a_closed_home_is_replaced():
+    model = Calls()
+
+    async def cell() -> None:
+        model.step()
+
+    asyncio.run(cell())  # home: that loop, closed when asyncio.run returns
+    gone = model.client.loop
+    assert gone.is_closed()
+    model.client = None  # what a user does with a client whose loop is gone
+    assert step_and_path(model) == "thread_loop"
+    assert mlp.home_loop(model) is _loops.thread_loop()
+    assert mlp.last_step_report(model).failures == ()
+
+
+def test_background_setting_still_wins_over_the_home():
+    model = Calls()
+    model.step()
+    mlp.settings.loop = "background"
+    model.client = None
+    assert step_and_path(model) == "background"
+    background = mlp.home_loop(model)
+    assert background is not _loops.thread_loop()
+    mlp.settings.loop = "auto"
+    assert step_and_path(model) == "background"  # its home now, while it runs
+    assert mlp.last_step_report(model).failures == ()
+
+
+def test_an_interrupt_while_waiting_for_the_home_loop_cancels_the_step(loop_thread):
+    model = Calls(n=6, delay=0.01)
+    loop_thread.call(step_and_path, model)  # home: the loop in the other thread
+    model.delay = WAIT
+
+    def interrupt_once_all_started() -> None:
+        deadline = time.monotonic() + WAIT
+        while model.in_flight < len(model.agents) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        _thread.interrupt_main()
+
+    threading.Thread(target=interrupt_once_all_started, daemon=True).start()
+    with pytest.raises(KeyboardInterrupt):
+        model.step()
+    assert model.in_flight == 0  # every agent was cancelled and unwound on its loop
+    report = mlp.last_step_report(model)
+    assert report.interrupted
+    assert report.started == len(model.agents)
+
+    model.delay = 0.01
+    steps = model.steps
+    model.step()
+    assert model.steps == steps + 1
+    assert mlp.last_step_report(model).completed == len(model.agents)
+
+
+def test_waiting_in_a_cell_keeps_the_home_loop_running_for_a_background_run():
+    """A panel's run sends its steps to the kernel's loop while a cell waits for it."""
+    model = Calls()
+    done = threading.Event()
+    failures: list[BaseException] = []
+
+    def background_run() -> None:
+        try:
+            for _ in range(3):
+                model.step()
+        except BaseException as exc:
+            failures.append(exc)
+        finally:
+            done.set()
+
+    async def cell() -> bool:
+        model.step()  # home: this running loop
+        threading.Thread(target=background_run, daemon=True).start()
+        return _loops.wait_event(done, WAIT)  # a plain done.wait() would block them both
+
+    assert asyncio.run(cell()) is True
+    assert failures == []
+    assert model.steps == 4
+    assert model.threads() == {threading.get_ident()}
+
+
+def test_asyncio_run_still_closes_its_loop_once_a_running_loop_was_reused():
+    async def cell() -> asyncio.AbstractEventLoop:
+        Calls().step()  # reuses this running loop: nest-asyncio2 is applied
+        return asyncio.get_running_loop()
+
+    asyncio.run(cell())
+    assert mlp.last_loop_path() == "running_loop"
+    later = asyncio.run(cell())  # asyncio.run is nest-asyncio2's from now on
+    assert later.is_closed()
