@@ -294,3 +294,27 @@ def test_interrupt_stops_a_step_and_the_model_steps_normally_after(kernel, mode)
     assert after["time"] == interrupted["time"] + 1
     assert after["interrupted"] is False
     assert after["started"] == 20
+
+
+def test_a_panel_run_in_a_cell_steps_on_the_kernel_loop_the_model_calls_home(kernel):
+    """The panel's thread sends the steps to the kernel's loop, which the waiting cell keeps running."""
+    kernel.run(
+        SETUP
+        + 'mlp.enable_automatic_parallel_stepping(mode="asyncio")\n'
+        + "m = Calls()\n"
+        + "m.step()"  # in a cell: the kernel's loop becomes the model's home
+    )
+    output = kernel.run(
+        "from mesa_llm_parallel.widgets import ParallelSteppingPanel\n"
+        "assert mlp.home_loop(m) is asyncio.get_running_loop()\n"
+        "panel = ParallelSteppingPanel(m)\n"
+        "panel.run(3)\n"
+        "print('WAITED', panel.wait(30))\n"
+        "assert mlp.home_loop(m) is asyncio.get_running_loop()\n"
+        "panel.close()\n"
+        "show(m)"
+    )
+    assert "WAITED True" in output
+    after = state(output)
+    assert after["steps"] == 4
+    assert after["runs"] == [4] * 20
