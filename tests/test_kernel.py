@@ -297,7 +297,7 @@ def test_interrupt_stops_a_step_and_the_model_steps_normally_after(kernel, mode)
 
 
 def test_a_panel_run_in_a_cell_steps_on_the_kernel_loop_the_model_calls_home(kernel):
-    """The panel's thread sends the steps to the kernel's loop, which the waiting cell keeps running."""
+    """The panel thread sends its steps to the kernel loop; the waiting cell keeps it running."""
     kernel.run(
         SETUP
         + 'mlp.enable_automatic_parallel_stepping(mode="asyncio")\n'
