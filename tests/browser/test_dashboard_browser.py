@@ -53,10 +53,14 @@ def app_namespace():
 
 
 class StepLog:
-    """Every parallel step that finished: its mode and whether it ran inside an event loop."""
+    """Every parallel step that finished: its mode and whether it ran inside an event loop.
+
+    For asyncio steps, also the path the step took and the model's home loop then.
+    """
 
     def __init__(self) -> None:
         self.steps: list[tuple[str, bool]] = []
+        self.homes: list[tuple[str | None, object]] = []
 
     def __call__(self, model, report) -> None:  # a step callback, in the stepping thread
         try:
@@ -65,6 +69,8 @@ class StepLog:
         except RuntimeError:
             in_loop = False
         self.steps.append((report.mode, in_loop))
+        if report.mode == "asyncio":
+            self.homes.append((mlp.last_loop_path(), mlp.home_loop(model)))
 
 
 @pytest.fixture
@@ -196,3 +202,33 @@ def test_sidebar_card_sits_below_solaraviz_cards(
         card.locator(".mlp-parallel-switch").get_by_text("Step agents in parallel").click()
         wait_until(lambda: model.parallel_stepping is False, "parallel_stepping off")
         page_session.screenshot(path=tmp_path / "sidebar.png", full_page=True)
+
+
+def test_play_step_play_in_asyncio_mode_all_run_on_the_models_home_loop(
+    dashboard: Page, step_log: StepLog
+):
+    """Each Play is a new worker thread and Step runs on the server's loop: one home loop."""
+    page = dashboard
+    model = live_model()
+    assert mlp.settings.mode == "asyncio"  # the example model's choice
+
+    page.get_by_role("button", name="▶").click()
+    wait_until(lambda: model.steps >= 2, "two played steps")
+    pause(page, model, step_log)
+    steps = model.steps
+    page.get_by_role("button", name="Step", exact=True).click()
+    wait_until(lambda: len(step_log.steps) == steps + 1, "the Step button's step")
+    page.get_by_role("button", name="▶").click()
+    wait_until(lambda: model.steps >= steps + 3, "two more played steps")
+    pause(page, model, step_log)
+
+    home = mlp.home_loop(model)
+    assert home is not None
+    assert not home.is_closed()
+    paths = [path for path, _ in step_log.homes]
+    assert len(paths) == model.steps
+    assert {loop for _, loop in step_log.homes} == {home}  # one loop for every step
+    assert paths[0] == "thread_loop"  # the first Play thread's loop became the home
+    assert paths[steps] == "home_loop"  # Step, inside the server's loop, ran it there
+    assert paths[-1] == "home_loop"  # and so did the second Play thread
+    assert mlp.last_step_report(model).failures == ()
