@@ -234,11 +234,12 @@ class Settings:
         run_sync_inline: In asyncio mode, call sync-only agents directly on the event
             loop thread instead of the pool (default False). They then block the loop
             and run one after another.
-        loop: ``"auto"`` (default): a thread without a running event loop uses its own
-            persistent loop, and a thread with a running loop (a notebook cell) reuses
-            that loop through nest-asyncio2, or a background loop thread where it
-            cannot be patched. ``"background"``: always run asyncio steps on the
-            library's background loop thread.
+        loop: ``"auto"`` (default): a model's first asyncio step runs on the calling
+            thread's own persistent loop, or on the loop already running there (a
+            notebook cell) through nest-asyncio2, or on a background loop thread where
+            that loop cannot be patched; that loop is the model's home, and its later
+            steps run there from any thread. ``"background"``: always run asyncio
+            steps on the library's background loop thread.
         on_error: ``"raise"`` (default): when an agent fails, no further agent starts,
             every agent already started finishes, and the first failure in start
             order is raised as its own type, with the others attached.

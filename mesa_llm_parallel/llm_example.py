@@ -116,8 +116,9 @@ class OpenAIChat:
         elif loop is not self._loop:
             raise RuntimeError(
                 "OpenAIChat's async client was first used on another event loop, and its "
-                "pooled connections belong to that loop; step the model from the thread "
-                "that stepped it first, or give it a new OpenAIChat"
+                "pooled connections belong to that loop; step the model with "
+                "model.step() (its asyncio steps run on its home loop) rather than "
+                "awaiting it on another loop, or give it a new OpenAIChat"
             )
 
     async def acomplete(self, prompt: str) -> str:
