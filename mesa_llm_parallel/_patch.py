@@ -128,15 +128,23 @@ def _take_back(settings: Any) -> None:
             current = cls.__dict__.get("shuffle_do")
             if getattr(current, _MARK, None) is not None:
                 continue
-            warnings.warn(
-                f"{cls.__name__}.shuffle_do had been replaced by "
-                f"{getattr(current, '__module__', '?')}.{getattr(current, '__qualname__', '?')} "
-                "after enable_automatic_parallel_stepping(); mesa_llm_parallel's parallel "
-                "stepping is put back. Call enable_automatic_parallel_stepping() after "
-                "importing that library to avoid this warning.",
-                RuntimeWarning,
-                stacklevel=4,
-            )
+            if _is_mesas_own(current, cls):  # another library's "disable" put it back
+                message = (
+                    f"{cls.__name__}.shuffle_do had been set back to Mesa's own method while "
+                    "mesa_llm_parallel's parallel stepping was enabled (another library's "
+                    "disable does that); parallel stepping is put back. To turn it off, "
+                    "call disable_automatic_parallel_stepping()."
+                )
+            else:
+                message = (
+                    f"{cls.__name__}.shuffle_do had been replaced by "
+                    f"{getattr(current, '__module__', '?')}."
+                    f"{getattr(current, '__qualname__', '?')} after "
+                    "enable_automatic_parallel_stepping(); mesa_llm_parallel's parallel "
+                    "stepping is put back. Call enable_automatic_parallel_stepping() after "
+                    "importing that library to avoid this warning."
+                )
+            warnings.warn(message, RuntimeWarning, stacklevel=4)
             cls.shuffle_do = _make_parallel(_originals[cls], settings)
 
 

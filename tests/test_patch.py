@@ -245,6 +245,19 @@ def test_a_library_that_patches_after_us_is_taken_back_at_the_next_parallel_step
     assert model.tracker.peak == 1
 
 
+def test_mesas_method_put_back_by_another_librarys_disable_is_taken_back(monkeypatch):
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=4)
+    monkeypatch.setattr(AgentSet, "shuffle_do", ORIGINALS[AgentSet])  # its disable did this
+    model = ToyModel(8, SyncAgent, delay=0.01)
+    with pytest.warns(RuntimeWarning, match="set back to Mesa's own method") as caught:
+        model.step()
+    assert "disable_automatic_parallel_stepping()" in str(caught[0].message)
+    assert AgentSet.__dict__["shuffle_do"].__wrapped__ is ORIGINALS[AgentSet]
+    model.tracker.peak = 0
+    model.agents.select().shuffle_do("step")
+    assert model.tracker.peak > 1
+
+
 def test_a_leftover_function_of_an_earlier_enable_is_replaced_and_restored(monkeypatch):
     mlp.enable_automatic_parallel_stepping()
     leftover = AgentSet.__dict__["shuffle_do"]

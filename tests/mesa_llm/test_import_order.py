@@ -47,9 +47,10 @@ def by_mesa_llm(agents: int) -> dict:
 
 def _named(message: str) -> str:
     """A take-back warning, reduced to the replacement it names (else kept whole)."""
-    for name in (MESA_LLMS, MESAS):
-        if f"replaced by {name} " in message:
-            return name
+    if f"replaced by {MESA_LLMS} " in message:
+        return MESA_LLMS
+    if "set back to Mesa's own method" in message:
+        return MESAS
     return message
 
 
