@@ -19,10 +19,7 @@ import os
 import pytest
 
 REQUIRED = os.environ.get("MESA_LLM_PARALLEL_REQUIRE_MESA_LLM", "") not in ("", "0")
-# With `tests` on sys.path this very directory is a namespace package named mesa_llm:
-# only a real package (one with an __init__.py, hence an origin) counts.
-_spec = importlib.util.find_spec("mesa_llm")
-INSTALLED = _spec is not None and _spec.origin is not None
+INSTALLED = importlib.util.find_spec("mesa_llm") is not None
 
 if REQUIRED and not INSTALLED:
     raise pytest.UsageError(
@@ -91,6 +88,6 @@ def pytest_configure(config):
 def pytest_terminal_summary(terminalreporter):
     if not INSTALLED:
         terminalreporter.write_line(
-            "tests/mesa_llm not collected: mesa-llm is not installed here "
+            "tests/with_mesa_llm not collected: mesa-llm is not installed here "
             "(./dev mesa-llm runs them in .cache/venv-mesa-llm)"
         )
