@@ -391,6 +391,8 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
     the cell and the cell for the run. Here the loop keeps running, as it does during a
     step started in a cell.
     """
+    if event.is_set() or (timeout is not None and timeout <= 0):
+        return event.is_set()  # no waiting: never runs the loop (safe from __del__)
     try:
         running = asyncio.get_running_loop()
     except RuntimeError:
