@@ -441,7 +441,10 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     progress.update(1)
                 pass_turn(position)
             finally:
-                reset_turn(turn)
+                try:  # noqa: SIM105 - the hot path: no context manager
+                    reset_turn(turn)
+                except ValueError:  # closed outside its task (destroyed while pending)
+                    pass
                 if worker is not None and job is not None and job.done():
                     worker.release()  # after finish(): the count of agents in flight is exact
 

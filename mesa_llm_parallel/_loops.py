@@ -21,7 +21,8 @@ client's connections, locks, queues) works on that loop only. A step started in 
 thread is sent to the home loop when that loop runs in its own thread (a notebook's
 kernel, a UI server, the background loop), or drives it in the calling thread when it is
 idle (a persistent loop whose thread is busy elsewhere or gone: such a loop stays open
-for as long as a model lives that calls it home). Only a closed home is replaced.
+for as long as a model lives that calls it home). A home is replaced only when it was
+closed, or is someone else's loop that no longer runs.
 
 If the caller is interrupted (``KeyboardInterrupt``) or fails while waiting, the
 coroutine is cancelled and given the chance to unwind before the exception propagates,
@@ -85,15 +86,21 @@ class _LoopHolder:
         self.lock = threading.Lock()
 
     def close(self) -> None:
-        loop = self.loop
-        if loop.is_closed() or loop.is_running():
+        """Close the loop unless some thread is running it (or about to)."""
+        if not self.lock.acquire(blocking=False):
             return
         try:
-            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop = self.loop
+            if loop.is_closed() or loop.is_running():
+                return
+            try:
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            finally:
+                loop.close()
         finally:
-            loop.close()
+            self.lock.release()
 
-    def __del__(self) -> None:  # the thread ended and dropped its thread-local holder
+    def __del__(self) -> None:  # its thread has ended, and no living model calls it home
         loop = self.loop
         if not loop.is_closed() and not loop.is_running():
             loop.close()
@@ -187,8 +194,8 @@ class _BackgroundLoop:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
 
-    def run(self, coro: Coroutine[Any, Any, Any]) -> Any:
-        return _send(self.loop, coro)
+    def run(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+        return _send(self.loop, factory)
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -221,10 +228,25 @@ def _background_loop() -> _BackgroundLoop:
 _POLL: Final = 0.05
 
 
-def _run_until_complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
+def _run_until_complete(
+    loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any], *, shared: bool = False
+) -> Any:
+    """Run ``coro`` as a task on ``loop`` from this thread until it is done.
+
+    ``shared``: other threads' steps may be running on the loop too (a home loop). A
+    ``SystemExit`` or the like that one of their tasks raises escapes this thread's
+    run; it belongs to their caller, who gets it from the task, so this run goes on.
+    """
     task = loop.create_task(coro)
     try:
-        return loop.run_until_complete(task)
+        while True:
+            try:
+                return loop.run_until_complete(task)
+            except (Exception, KeyboardInterrupt):
+                raise  # ours, or an interrupt of this thread
+            except BaseException:
+                if not shared or task.done():
+                    raise
     except BaseException:
         if not task.done():
             task.cancel()
@@ -234,20 +256,30 @@ def _run_until_complete(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, An
         raise
 
 
+class _LoopGoneError(RuntimeError):
+    """The loop a step was sent to was closed, or stopped, before the step was done."""
+
+
 class _Remote:
     """A coroutine running on a loop that another thread runs, and its completion."""
 
     __slots__ = ("done", "loop", "task")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> None:
+    def __init__(
+        self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Coroutine[Any, Any, Any]]
+    ) -> None:
         self.loop = loop
         self.task: asyncio.Task[Any] | None = None
         self.done = threading.Event()
-        # The task runs in a copy of the caller's context, as if it ran here.
-        loop.call_soon_threadsafe(self._start, coro, context=contextvars.copy_context())
+        # The coroutine is made on the loop (none is left un-awaited if the loop is
+        # closed already), and runs in a copy of the caller's context, as if it ran here.
+        try:
+            loop.call_soon_threadsafe(self._start, factory, context=contextvars.copy_context())
+        except RuntimeError as exc:  # "Event loop is closed"
+            raise _LoopGoneError(str(exc)) from exc
 
-    def _start(self, coro: Coroutine[Any, Any, Any]) -> None:
-        self.task = self.loop.create_task(coro)
+    def _start(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        self.task = self.loop.create_task(factory())
         self.task.add_done_callback(lambda _: self.done.set())
 
     def cancel(self) -> None:
@@ -265,41 +297,53 @@ class _Remote:
 
     def pump(self, holder: _LoopHolder) -> None:
         """Run ``holder``'s loop until the task is done, whenever no other thread runs it."""
-        while not self.done.is_set():
+        loop = self.loop
+        while not self.done.is_set() and not loop.is_closed():
             if holder.lock.acquire(timeout=_POLL):
                 try:
-                    if not self.done.is_set():
-                        self.loop.run_until_complete(self._finished())
+                    if not self.done.is_set() and not loop.is_closed():
+                        loop.run_until_complete(self._finished())
+                except BaseException:  # noqa: S110 - another caller's task ended this run
+                    pass  # (its own caller gets that exception); keep driving for ours
                 finally:
                     holder.lock.release()
+
+    def wait(self, holder: _LoopHolder | None) -> Any:
+        """Block until the task is done; return its result or raise its exception."""
+        loop = self.loop
+        try:
+            # In short waits: a Ctrl-C delivered to another thread is noticed by this
+            # one only when it runs Python code again.
+            while not self.done.wait(_POLL):
+                if loop.is_closed() or (holder is None and not loop.is_running()):
+                    raise _LoopGoneError(
+                        "the event loop this step was sent to (the model's home loop) "
+                        "was stopped before the step finished"
+                    )
+        except BaseException:
+            self.cancel()
+            self.done.wait(_UNWIND_TIMEOUT)
+            raise
+        return self.task.result()  # type: ignore[union-attr]
 
 
 def _send(
     loop: asyncio.AbstractEventLoop,
-    coro: Coroutine[Any, Any, Any],
+    factory: Callable[[], Coroutine[Any, Any, Any]],
     holder: _LoopHolder | None = None,
 ) -> Any:
-    """Run ``coro`` on ``loop`` and block this thread until it is done.
+    """Run the coroutine on ``loop`` and block this thread until it is done.
 
     Without ``holder`` the loop is running in its own thread (the background loop, a
     kernel's, a UI server's). With one it is a persistent loop of ours that this thread
     cannot run: a helper thread runs it as soon as no other thread does.
     """
-    remote = _Remote(loop, coro)
+    remote = _Remote(loop, factory)
     if holder is not None:
         threading.Thread(
             target=remote.pump, args=(holder,), name="mesa-llm-parallel-loop", daemon=True
         ).start()
-    try:
-        # In short waits: a Ctrl-C delivered to another thread is noticed by this one
-        # only when it runs Python code again.
-        while not remote.done.wait(_POLL):
-            pass
-    except BaseException:
-        remote.cancel()
-        remote.done.wait(_UNWIND_TIMEOUT)
-        raise
-    return remote.task.result()  # type: ignore[union-attr]
+    return remote.wait(holder)
 
 
 def _drive(holder: _LoopHolder, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -309,10 +353,10 @@ def _drive(holder: _LoopHolder, factory: Callable[[], Coroutine[Any, Any, Any]])
     """
     if holder.lock.acquire(blocking=False):
         try:
-            return _run_until_complete(holder.loop, factory())
+            return _run_until_complete(holder.loop, factory(), shared=True)
         finally:
             holder.lock.release()
-    return _send(holder.loop, factory(), holder)
+    return _send(holder.loop, factory, holder)
 
 
 def run_on_thread_loop(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
@@ -321,34 +365,58 @@ def run_on_thread_loop(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 # -- homes --------------------------------------------------------------------------
+#: The attribute that keeps a model's home on the model itself. Kept there, and not in a
+#: registry of this module, the home lives exactly as long as the model: a loop that
+#: refers back to the model (a task an agent left pending) is then garbage the
+#: collector can free, not a module-level reference that keeps the model alive.
+_HOME_ATTRIBUTE: Final = "_mesa_llm_parallel_home"
+
+
 class _Home:
-    """Where a model's asyncio steps run: one loop, and its holder if the loop is ours."""
+    """Where a model's asyncio steps run: one loop, and its holder if the loop is ours.
+
+    Copying or pickling a model gives the copy no home (a loop cannot be copied): the
+    copy's first asyncio step chooses its own.
+    """
 
     __slots__ = ("holder", "loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop | None, holder: _LoopHolder | None) -> None:
         self.loop = loop
         self.holder = holder  # keeps a persistent loop open while the model lives
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_Home, (None, None))
 
-#: model -> its home; weak: a model that is gone releases its home (and maybe the loop).
-_homes: weakref.WeakKeyDictionary[Any, _Home] = weakref.WeakKeyDictionary()
-_homes_lock = threading.Lock()
+
 _HOMELESS: Final = object()
+
+#: Loops that are (or were) some model's home, for wait_event.
+_home_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _home_of(model: Any) -> _Home | None:
+    try:
+        home = vars(model).get(_HOME_ATTRIBUTE)
+    except TypeError:  # no __dict__: no home
+        return None
+    if home is None or home.loop is None or home.loop.is_closed():
+        return None
+    return home
 
 
 def home_loop(model: Any) -> asyncio.AbstractEventLoop | None:
     """The loop ``model``'s asyncio steps run on, or None before its first one."""
-    with _homes_lock:
-        home = _homes.get(model)
-    return None if home is None or home.loop.is_closed() else home.loop
+    home = _home_of(model)
+    return None if home is None else home.loop
 
 
 def _set_home(model: Any, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
     if model is None:
         return
-    with _homes_lock, contextlib.suppress(TypeError):  # not weakly referenceable: no home
-        _homes[model] = _Home(loop, holder)
+    with contextlib.suppress(TypeError):  # no __dict__: no home
+        vars(model)[_HOME_ATTRIBUTE] = _Home(loop, holder)
+        _home_loops.add(loop)
 
 
 def _run_at_home(
@@ -364,23 +432,26 @@ def _run_at_home(
         _local.last_path = "running_loop"
         return _run_until_complete(loop, factory())
     bg = _background
-    own = getattr(_local, "holder", None)
+    holder = home.holder
     if bg is not None and loop is bg.loop:
         _local.last_path = "background"
-    elif own is not None and loop is own.loop and home.holder is own:
+    elif running is None and holder is not None and holder is getattr(_local, "holder", None):
         _local.last_path = "thread_loop"
     else:
         _local.last_path = "home_loop"
-    holder = home.holder
     if holder is None:  # a loop that its own thread runs: send the step there
         if not loop.is_running():
             return _HOMELESS  # stopped, and not ours to run
-        return _send(loop, factory())
+        try:
+            remote = _Remote(loop, factory)
+        except _LoopGoneError:
+            return _HOMELESS
+        return remote.wait(None)
     if running is None:
         return _drive(holder, factory)
     # A different loop runs in this thread, and asyncio allows one per thread: a helper
     # thread runs the home loop while this one waits (as it would for a sequential step).
-    return _send(loop, factory(), holder)
+    return _send(loop, factory, holder)
 
 
 def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
@@ -397,9 +468,7 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
         running = asyncio.get_running_loop()
     except RuntimeError:
         return event.wait(timeout)
-    with _homes_lock:
-        is_home = any(home.loop is running for home in _homes.values())
-    if not is_home or not _can_reuse(running):
+    if running not in _home_loops or not _can_reuse(running):
         return event.wait(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -432,15 +501,14 @@ def run_coroutine_sync(
         running = None
 
     if loop_policy == "auto" and model is not None:
-        with _homes_lock:
-            home = _homes.get(model)
-        if home is not None and not home.loop.is_closed():
+        home = _home_of(model)
+        if home is not None:
             result = _run_at_home(home, running, factory)
             if result is not _HOMELESS:
                 return result
             logger.info(
-                "mesa_llm_parallel: the home event loop of %r is not running and belongs "
-                "to another thread; the model gets a new one",
+                "mesa_llm_parallel: the home event loop of %r has stopped and is not the "
+                "library's to run; the model gets a new one",
                 model,
             )
 
@@ -454,7 +522,7 @@ def run_coroutine_sync(
         _local.last_path = "background"
         bg = _background_loop()
         _set_home(model, bg.loop, None)
-        return bg.run(factory())
+        return bg.run(factory)
     if running is None:
         _local.last_path = "thread_loop"
         holder = _thread_holder()

@@ -304,3 +304,150 @@ def test_asyncio_run_still_closes_its_loop_once_a_running_loop_was_reused():
     assert mlp.last_loop_path() == "running_loop"
     later = asyncio.run(cell())  # asyncio.run is nest-asyncio2's from now on
     assert later.is_closed()
+
+
+def test_a_step_needing_a_helper_thread_reports_home_loop_even_for_its_own_loop():
+    model = Calls()
+    model.step()  # home: this thread's own persistent loop
+
+    async def button_handler() -> str | None:  # another loop runs here now
+        return step_and_path(model)
+
+    assert asyncio.run(button_handler()) == "home_loop"  # a helper thread ran it
+    assert len(model.threads()) == 2
+
+
+def test_a_task_left_pending_on_the_home_loop_does_not_keep_the_model_alive():
+    class Lingering(Caller):
+        async def astep(self) -> None:
+            await super().astep()
+            # Like a client's keep-alive timer: still pending when the step is over.
+            asyncio.get_running_loop().create_task(asyncio.sleep(3600))
+
+    model = Calls(n=0)
+    Lingering.create_agents(model, 3)
+    in_thread(model.step)  # home: that thread's loop, which outlives the thread
+    home = weakref.ref(mlp.home_loop(model))  # the loop refers to the model through its tasks
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None
+    assert home() is None or home().is_closed()
+
+
+def test_a_model_that_cannot_be_hashed_steps_and_has_a_home():
+    class Unhashable(Calls):
+        __hash__ = None  # as a dataclass(eq=True) model is
+
+    model = Unhashable()
+    model.step()
+    assert in_thread(step_and_path, model) == "home_loop"
+    assert model.loops() == {id(mlp.home_loop(model))}
+
+
+class Quiet(mesa.Agent):
+    async def astep(self) -> None:
+        await asyncio.sleep(0)
+
+
+class QuietModel(mesa.Model):
+    """Nothing in it but what Mesa keeps: it can be copied and pickled."""
+
+    def __init__(self) -> None:
+        super().__init__(rng=5)
+        self.parallel_stepping = True
+        Quiet.create_agents(self, 3)
+
+    def step(self) -> None:
+        self.agents.shuffle_do("step")
+
+
+def test_a_copied_or_pickled_model_has_no_home_until_its_first_step():
+    import copy
+    import pickle
+
+    model = QuietModel()
+    model.step()
+    assert mlp.home_loop(model) is not None
+    for twin in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):  # noqa: S301
+        assert mlp.home_loop(twin) is None
+        in_thread(twin.step)
+        assert mlp.home_loop(twin) not in (None, mlp.home_loop(model))
+        assert twin.steps == 2
+
+
+def test_closing_the_loops_while_a_step_waits_for_its_home_never_strands_it():
+    """shutdown() closes idle loops only: one that a step is running, or joining, stays."""
+    first, second = Calls(delay=0.01), Calls(delay=0.01)
+    first.step()
+    second.step()  # both homed on this thread's loop
+    first.delay = second.delay = 0.5
+    done: list[str] = []
+
+    def step(model: Calls, name: str) -> None:
+        model.step()
+        done.append(name)
+
+    threads = [threading.Thread(target=step, args=(m, n)) for m, n in ((first, "a"), (second, "b"))]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + WAIT
+    while first.in_flight + second.in_flight < 16 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    _loops.close_loops()  # while both steps are in flight on the shared home loop
+    for thread in threads:
+        thread.join(WAIT)
+    assert sorted(done) == ["a", "b"]
+    assert not mlp.home_loop(first).is_closed()
+
+
+def test_a_step_sent_to_a_home_loop_that_stops_fails_instead_of_hanging(loop_thread):
+    model = Calls(delay=0.01)
+    loop_thread.call(step_and_path, model)
+    model.delay = WAIT
+
+    def stop_once_started() -> None:
+        deadline = time.monotonic() + WAIT
+        while model.in_flight < len(model.agents) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        loop_thread.loop.call_soon_threadsafe(loop_thread.loop.stop)
+
+    threading.Thread(target=stop_once_started, daemon=True).start()
+    with pytest.raises(RuntimeError, match="stopped before the step finished"):
+        model.step()
+    # The step's cancellation waits on that loop; it is the test's to run.
+    loop_thread.thread.join(WAIT)
+    loop_thread.loop.run_until_complete(asyncio.sleep(0.1))
+    assert model.in_flight == 0
+
+
+def test_another_callers_system_exit_does_not_strand_a_joined_step():
+    class Exiting(Caller):
+        async def astep(self) -> None:
+            await asyncio.sleep(0.2)
+            raise SystemExit(3)
+
+    quitter, waiter = Calls(n=0), Calls(n=4, delay=0.01)
+    Exiting.create_agents(quitter, 1)
+    waiter.step()  # waiter's home: this thread's loop
+    vars(quitter)[_loops._HOME_ATTRIBUTE] = vars(waiter)[_loops._HOME_ATTRIBUTE]  # shared
+    waiter.delay = 0.6
+    outcome: dict[str, object] = {}
+
+    def step(model: Calls, name: str) -> None:
+        try:
+            model.step()
+            outcome[name] = "ok"
+        except BaseException as exc:
+            outcome[name] = type(exc).__name__
+
+    threads = [
+        threading.Thread(target=step, args=(waiter, "waiter")),
+        threading.Thread(target=step, args=(quitter, "quitter")),
+    ]
+    for thread in threads:
+        thread.start()
+        time.sleep(0.05)
+    for thread in threads:
+        thread.join(WAIT)
+    assert outcome == {"waiter": "ok", "quitter": "SystemExit"}
