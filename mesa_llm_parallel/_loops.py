@@ -315,7 +315,10 @@ class _Remote:
             # In short waits: a Ctrl-C delivered to another thread is noticed by this
             # one only when it runs Python code again.
             while not self.done.wait(_POLL):
-                if loop.is_closed() or (holder is None and not loop.is_running()):
+                # A loop that its own thread runs has stopped once it ran this task
+                # (a loop thread that has not started yet is not "stopped").
+                stopped = holder is None and self.task is not None and not loop.is_running()
+                if loop.is_closed() or stopped:
                     raise _LoopGoneError(
                         "the event loop this step was sent to (the model's home loop) "
                         "was stopped before the step finished"
