@@ -113,17 +113,20 @@ def test_without_the_flag_mesas_own_method_calls_step():
 
 
 def test_a_model_stepped_from_two_threads_keeps_working(server):
-    """A UI steps from its play thread, then from another one: litellm keeps one async
-    client per event loop, so no client is used on a loop it does not belong to."""
+    """A UI steps from its play thread, then from another one: every step runs on the
+    model's home loop, so litellm's client of that loop serves them all."""
     mlp.enable_automatic_parallel_stepping(mode="asyncio")
     n = 10
     model = Town(n, server.base_url)
     counts = [_step_and_count(model, server)]
+    home = mlp.home_loop(model)
     errors: list[BaseException] = []
+    paths: list[str | None] = []
 
     def play() -> None:
         try:
             counts.append(_step_and_count(model, server))
+            paths.append(mlp.last_loop_path())
         except BaseException as exc:
             errors.append(exc)
 
@@ -131,7 +134,9 @@ def test_a_model_stepped_from_two_threads_keeps_working(server):
     thread.start()
     thread.join(30)
     assert errors == []
+    assert paths == ["home_loop"]
     counts.append(_step_and_count(model, server))
     assert counts == [(n, n)] * 3
+    assert mlp.home_loop(model) is home
     _assert_replies(model, "astep", 3)
     _assert_report(model, "asyncio", n)
