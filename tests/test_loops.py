@@ -46,6 +46,8 @@ class Caller(mesa.Agent):
         try:
             if model.client is None:
                 model.client = LoopBound()
+            while model.gate is not None and not model.gate.is_set():  # noqa: ASYNC110 - set from another thread
+                await asyncio.sleep(0.01)  # held until the test opens the gate
             await model.client.call(model.delay)
         finally:
             with model.lock:
@@ -58,6 +60,7 @@ class Calls(mesa.Model):
         self.parallel_stepping = True
         self.delay = delay
         self.client: LoopBound | None = None
+        self.gate: threading.Event | None = None
         self.lock = threading.Lock()
         self.where: set[tuple[int, int]] = set()
         self.in_flight = 0
@@ -381,7 +384,7 @@ def test_closing_the_loops_while_a_step_waits_for_its_home_never_strands_it():
     first, second = Calls(delay=0.01), Calls(delay=0.01)
     first.step()
     second.step()  # both homed on this thread's loop
-    first.delay = second.delay = 0.5
+    first.gate = second.gate = gate = threading.Event()
     done: list[str] = []
 
     def step(model: Calls, name: str) -> None:
@@ -394,7 +397,9 @@ def test_closing_the_loops_while_a_step_waits_for_its_home_never_strands_it():
     deadline = time.monotonic() + WAIT
     while first.in_flight + second.in_flight < 16 and time.monotonic() < deadline:
         time.sleep(0.01)
+    assert first.in_flight + second.in_flight == 16
     _loops.close_loops()  # while both steps are in flight on the shared home loop
+    gate.set()
     for thread in threads:
         thread.join(WAIT)
     assert sorted(done) == ["a", "b"]
