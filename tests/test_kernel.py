@@ -318,3 +318,45 @@ def test_a_panel_run_in_a_cell_steps_on_the_kernel_loop_the_model_calls_home(ker
     after = state(output)
     assert after["steps"] == 4
     assert after["runs"] == [4] * 20
+
+
+def test_one_async_openai_client_serves_cells_and_a_panel_run(kernel):
+    """Real clients in a real kernel: steps from cells, then from a panel's thread."""
+    pytest.importorskip("openai")
+    kernel.run(
+        "import json\n"
+        "import mesa_llm_parallel as mlp\n"
+        "from mesa_llm_parallel.llm_example import ChatModel\n"
+        "from mesa_llm_parallel.llm_server import LoopbackLLMServer\n"
+        "from mesa_llm_parallel.widgets import ParallelSteppingPanel\n"
+        "server = LoopbackLLMServer(latency=0.05).start()\n"
+        'mlp.enable_automatic_parallel_stepping(mode="asyncio", on_error="collect")\n'
+        "m = ChatModel(20, server.base_url, seed=1)\n"
+        "client = m.llm.async_client\n"
+        "def seen():\n"
+        "    s, r = server.stats(), mlp.last_step_report(m)\n"
+        "    print('SEEN ' + json.dumps({'completed': s.completed, 'errors': s.errors,\n"
+        "        'connections': s.connections, 'peak': s.peak_concurrency,\n"
+        "        'failures': [repr(f.exception) for f in r.failures], 'steps': m.steps,\n"
+        "        'same_client': m.llm.async_client is client}))"
+    )
+    for _ in range(2):  # each cell steps on the kernel's running loop
+        kernel.run("m.step()")
+    panel_output = kernel.run(
+        "panel = ParallelSteppingPanel(m)\n"
+        "panel.run(2)\n"  # the panel's thread: the steps go to the model's home loop
+        "print('WAITED', panel.wait(60))\n"
+        "panel.close()\n"
+        "m.step()\n"
+        "seen()"
+    )
+    assert "WAITED True" in panel_output
+    line = next(x for x in panel_output.splitlines() if x.startswith("SEEN "))
+    seen = json.loads(line.removeprefix("SEEN "))
+    assert seen["failures"] == []
+    assert seen["steps"] == 5
+    assert (seen["completed"], seen["errors"]) == (100, 0)
+    assert seen["peak"] > 1  # the requests overlapped
+    assert seen["connections"] <= 20  # one client, its connections reused by every step
+    assert seen["same_client"] is True
+    kernel.run("server.stop()")
