@@ -42,11 +42,6 @@ def wants_parallel(cfg: SettingsSnapshot, method: object) -> bool:
 def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[..., Any]:
     @functools.wraps(original)
     def shuffle_do(self: Any, method: str | Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
-        # Another library may have kept this function as "the original" it wraps
-        # (mesa_llm does when it is imported after enable): once disabled, such a
-        # leftover reference behaves exactly like Mesa's own method.
-        if not _originals:
-            return original(self, method, *args, **kwargs)
         cfg = settings.snapshot()
         if not wants_parallel(cfg, method):
             return original(self, method, *args, **kwargs)
@@ -54,6 +49,12 @@ def _make_parallel(original: Callable[..., Any], settings: Any) -> Callable[...,
         model = getattr(agent, "model", None)
         del agent
         if model is None or not getattr(model, "parallel_stepping", cfg.parallel_by_default):
+            return original(self, method, *args, **kwargs)
+        # Another library may have kept this function as "the original" it wraps
+        # (mesa_llm does when it is imported after enable): once disabled, such a
+        # leftover reference behaves exactly like Mesa's own method. Checked here, off
+        # the path of sets that step sequentially anyway.
+        if not _originals:
             return original(self, method, *args, **kwargs)
         if _displaced():
             _take_back(settings)
