@@ -7,20 +7,29 @@ import threading
 import pytest
 from mesa.agentset import AgentSet, _HardKeyAgentSet
 from models import AsyncAgent, SyncAgent, ToyModel
+from support import run_python
 
 import mesa_llm_parallel as mlp
-from mesa_llm_parallel import _patch, parallel_stepping
+from mesa_llm_parallel import _patch
 
 ORIGINALS = {cls: cls.__dict__["shuffle_do"] for cls in (AgentSet, _HardKeyAgentSet)}
 
 
 def test_import_changes_nothing_in_mesa():
-    # The autouse fixture already uninstalled; a fresh import must not patch either.
-    import importlib
-
-    importlib.reload(parallel_stepping)
-    for cls, original in ORIGINALS.items():
-        assert cls.__dict__["shuffle_do"] is original
+    # In a fresh interpreter: reloading the module here would leave the package root
+    # exporting functions other than the module's, for every later test.
+    code = (
+        "from mesa.agentset import AgentSet, _HardKeyAgentSet\n"
+        "classes = (AgentSet, _HardKeyAgentSet)\n"
+        "before = [c.__dict__['shuffle_do'] for c in classes]\n"
+        "import mesa_llm_parallel, mesa_llm_parallel.parallel_stepping\n"
+        "assert [c.__dict__['shuffle_do'] for c in classes] == before\n"
+        "assert not mesa_llm_parallel.is_automatic_parallel_stepping_enabled()\n"
+        "print('unchanged')\n"
+    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "unchanged"
 
 
 def test_enable_patches_both_agent_set_classes_and_disable_restores_identity():

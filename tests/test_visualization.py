@@ -7,9 +7,6 @@ tests set the widgets' ``v_model`` as the browser would.
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
-import textwrap
 import threading
 
 import mesa
@@ -21,6 +18,7 @@ ipyvuetify = pytest.importorskip("ipyvuetify")
 from mesa.visualization import SolaraViz  # noqa: E402
 from mesa.visualization.solara_viz import ModelController  # noqa: E402
 from mesa.visualization.utils import update_counter  # noqa: E402
+from support import run_python  # noqa: E402
 
 import mesa_llm_parallel as mlp  # noqa: E402
 from mesa_llm_parallel import visualization as viz  # noqa: E402
@@ -446,16 +444,6 @@ def test_changes_made_during_a_step_apply_from_the_next_step():
 
 
 # -- imports -------------------------------------------------------------------------------
-
-
-def run_python(code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(  # noqa: S603 - this interpreter, fixed code
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
 
 
 def test_importing_the_package_imports_no_front_end():

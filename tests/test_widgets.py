@@ -11,14 +11,13 @@ import asyncio
 import gc
 import html
 import re
-import subprocess
-import sys
 import threading
 import weakref
 
 import pytest
 import traitlets
 from models import AsyncAgent, SyncAgent, ToyModel
+from support import run_python
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _patch, _report, _settings
@@ -598,9 +597,8 @@ def test_importing_the_package_does_not_import_ipywidgets():
         "import sys, mesa_llm_parallel, mesa_llm_parallel.parallel_stepping; "
         "print('ipywidgets' in sys.modules)"
     )
-    result = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False"
 
 
@@ -613,7 +611,6 @@ def test_importing_the_panel_without_ipywidgets_says_what_to_install():
         "except ImportError as exc:\n"
         "    print(exc)\n"
     )
-    result = subprocess.run(  # noqa: S603 - our own interpreter, fixed code
-        [sys.executable, "-c", code], capture_output=True, text=True, check=True
-    )
+    result = run_python(code)
+    assert result.returncode == 0, result.stderr
     assert 'pip install "mesa_llm_parallel[jupyter]"' in result.stdout
