@@ -417,6 +417,9 @@ def home_loop(model: Any) -> asyncio.AbstractEventLoop | None:
 def _set_home(model: Any, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
     if model is None:
         return
+    current = _home_of(model)
+    if current is not None and current.loop is loop:
+        return  # with loop="background", every step: nothing to change
     with contextlib.suppress(TypeError):  # no __dict__: no home
         vars(model)[_HOME_ATTRIBUTE] = _Home(loop, holder)
         _home_loops.add(loop)
