@@ -30,13 +30,20 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterable, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
-from mesa_llm_parallel._loops import run_coroutine_sync, run_on_thread_loop
+from mesa_llm_parallel._loops import prepare_home, run_coroutine_sync, run_on_thread_loop
 from mesa_llm_parallel._ordering import Turnstile, current_turn
-from mesa_llm_parallel._pool import ResizablePool, WorkerPool, _mark_pool_thread, is_pool_thread
+from mesa_llm_parallel._pool import (
+    ResizablePool,
+    StuckThreadsError,
+    WorkerPool,
+    check_stuck_threads,
+    is_pool_thread,
+    stuck_threads,
+)
 from mesa_llm_parallel._ratelimit import limiter
 from mesa_llm_parallel._report import (
     AgentFailure,
@@ -170,6 +177,15 @@ class Step:
         self.turns = Turnstile(self.n)
         self._next = itertools.count().__next__
         self.stop = False
+        #: Set with ``stop`` (see :meth:`halt`): wakes runners waiting for a start slot.
+        self.halted = threading.Event()
+        self._halt_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        #: The caller's context: every agent runs in a copy of it, in every mode.
+        self.context = contextvars.copy_context()
+        #: The model whose step this is (None for agents without one).
+        self.model: Any = None
+        #: An error that ends the whole step once its agents are done (not an agent's).
+        self.fatal: BaseException | None = None
         self.started = 0
         self.completed = 0
         self.skipped = 0
@@ -182,17 +198,54 @@ class Step:
         self.interrupted = False
         self.progress = _progress_bar(self.n, mode) if cfg.progress and self.n else None
 
+    # -- stopping -------------------------------------------------------------------
+    def halt(self) -> None:
+        """Start no more agents; wake every runner that waits for a start slot."""
+        self.stop = True
+        self.halted.set()
+        waiter = self._halt_waiter
+        if waiter is not None:
+            loop, future = waiter
+            if asyncio._get_running_loop() is loop:
+                _set_done(future)
+            else:
+                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                    loop.call_soon_threadsafe(_set_done, future)
+
+    async def wait_halted(self, seconds: float) -> None:
+        """Wait ``seconds``, or less if the step halts meanwhile (on the step's loop)."""
+        waiter = self._halt_waiter
+        if waiter is None:
+            loop = asyncio.get_running_loop()
+            waiter = self._halt_waiter = (loop, loop.create_future())
+            if self.stop:
+                _set_done(waiter[1])
+        if not waiter[1].done():
+            await asyncio.wait([waiter[1]], timeout=seconds)
+
     # -- runners ----------------------------------------------------------------------
-    def claim(self) -> tuple[int, float] | None:
-        """The next position to run and how long to wait before starting it, or None."""
+    def claim(self) -> int | None:
+        """The next position to start, or None when no more agents may start.
+
+        With a rate limit, the runner first reserves a start slot and waits for it; only
+        then is it decided whether an agent may start. A slot that is not used (the step
+        halted meanwhile, or has no agents left) is given back to the limiter.
+        """
         rate = self.cfg.rate_limit
-        with self.lock:
+        slot = None
+        if rate:
             if self.stop:
                 return None
-            position = self._next()
-            if position >= self.n:
-                return None
-            return position, (limiter.reserve(rate) if rate else 0.0)
+            slot, delay = limiter.reserve(rate)
+            if delay:
+                self.halted.wait(delay)
+        with self.lock:
+            position = None if self.stop else self._next()
+            if position is not None and position >= self.n:
+                position = None
+        if position is None and slot is not None:
+            limiter.give_back(slot, rate)  # type: ignore[arg-type]
+        return position
 
     def lookup(self, position: int) -> Any:
         """The agent at ``position`` if it is still a member; else record the skip, None."""
@@ -227,6 +280,7 @@ class Step:
         the same, so a late ``in_turn`` from it is refused instead of applied late.
         """
         elapsed = time.perf_counter() - started
+        halt = False
         with self.lock:
             self.in_flight -= 1
             self.busy_time += elapsed
@@ -234,10 +288,11 @@ class Step:
                 self.completed += 1
             else:
                 self.failures.append(AgentFailure(agent, error, position, timed_out))
-                if self.cfg.on_error == "raise":
-                    self.stop = True
+                halt = self.cfg.on_error == "raise"
             if self.progress is not None:
                 self.progress.update(1)
+        if halt:
+            self.halt()
         self.turns.pass_turn(position)
 
     # -- the end ----------------------------------------------------------------------
@@ -259,12 +314,13 @@ class Step:
                 pool_size=self.cfg.max_workers,
                 max_concurrency=self.cfg.max_concurrency,
                 interrupted=self.interrupted,
+                stuck_threads=stuck_threads(),
             )
 
     def close(self, model: Any, *, interrupted: bool = False) -> StepReport:
         """End the step: stop new starts, build and store the report, run callbacks."""
+        self.halt()
         with self.lock:
-            self.stop = True
             self.ended_at = time.perf_counter()
             self.interrupted = interrupted
         if self.progress is not None:
@@ -283,6 +339,11 @@ class Step:
                 first.exception,
             )
         return report
+
+
+def _set_done(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 def _progress_bar(total: int, mode: str) -> Any:
@@ -359,13 +420,24 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     async def runner() -> None:
         nonlocal lease, executor, workers
         while not step.stop:
-            position = next_position()
-            if position >= n:
-                return
             if rate:
-                delay = limiter.reserve(rate)
-                if delay:
-                    await asyncio.sleep(delay)
+                # The slot first, then the decision: an agent starts only if the step
+                # still runs once its slot has come; an unused slot is given back.
+                slot, delay = limiter.reserve(rate)
+                try:
+                    if delay:
+                        await step.wait_halted(delay)
+                except BaseException:
+                    limiter.give_back(slot, rate)
+                    raise
+                position = n if step.stop else next_position()
+                if position >= n:
+                    limiter.give_back(slot, rate)
+                    return
+            else:
+                position = next_position()
+                if position >= n:
+                    return
             agent = resolve(entries[position])
             if agent is None:
                 step.skipped += 1
@@ -381,6 +453,7 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
             kind, name = decided
             if kind == _POOL:
                 if workers is None:
+                    check_stuck_threads(cfg.max_workers)
                     workers = asyncio.Semaphore(cfg.max_workers)
                     lease = pool.lease(cfg.max_workers)
                     executor = lease.__enter__()
@@ -407,7 +480,8 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     )
                 elif kind == _POOL:
                     worker = _WorkerSlot(workers, loop)  # type: ignore[arg-type]
-                    # The job runs in a copy of this context: in_turn works there too.
+                    # The job runs in a copy of this context: the caller's context
+                    # variables, and in_turn, work there too.
                     job = executor.submit(  # type: ignore[union-attr]
                         functools.partial(contextvars.copy_context().run, call, agent, name)
                     )
@@ -430,6 +504,17 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     in_thread = kind == _POOL
                     error = _timeout_error(agent, timeout, in_thread=in_thread)  # type: ignore[arg-type]
                     error.__cause__ = exc
+                    if in_thread and not job.done():  # type: ignore[union-attr]
+                        # Its thread cannot be stopped: the pool gives up on it and the
+                        # step gets its worker back at once (a spare thread takes over).
+                        try:
+                            abandoned = executor.abandon(job, repr(agent), cfg.max_workers)  # type: ignore[union-attr, arg-type]
+                        except StuckThreadsError as stuck:
+                            abandoned = True
+                            step.fatal = stuck
+                            step.halt()
+                        if abandoned:
+                            worker.release()  # type: ignore[union-attr]
                     step.finish(position, agent, started, error, timed_out=True)
                 else:
                     step.finish(position, agent, started, exc)
@@ -464,7 +549,7 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     finally:
         if heartbeat is not None:
             heartbeat.cancel()
-        step.stop = True
+        step.halt()
         if lease is not None:
             lease.__exit__(None, None, None)
 
@@ -537,36 +622,40 @@ class _WorkerSlot:
 class _Runner:
     """One threading-mode runner: which agent it runs now, and whether it was abandoned."""
 
-    __slots__ = ("abandoned", "agent", "position", "started")
+    __slots__ = ("abandoned", "agent", "on_loop", "position", "started")
 
     def __init__(self) -> None:
         self.abandoned = False
         self.agent: Any = None
+        self.on_loop = False  # the agent runs on the home loop, which enforces its timeout
         self.position = -1
         self.started = 0.0
+
+
+#: How long after an async agent's own timeout (enforced on its loop) the step gives
+#: up on the thread that waits for it, in seconds: only if that loop is blocked.
+_LOOP_TIMEOUT_GRACE: Final = 1.0
 
 
 def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
     call = step.call
     timeout = step.cfg.timeout
-    while not me.abandoned and (claimed := step.claim()) is not None:
-        position, delay = claimed
-        if delay:
-            time.sleep(delay)
+    while not me.abandoned and (position := step.claim()) is not None:
         agent = step.lookup(position)
         if agent is None:
             continue
         started = step.start()
-        with step.lock:
-            me.agent, me.position, me.started = agent, position, started
         error: BaseException | None = None
         timed_out = False
         turn = current_turn.set((step.turns, position, agent))
         try:
             kind, name = dispatch(agent)
+            with step.lock:
+                me.agent, me.position, me.started = agent, position, started
+                me.on_loop = kind == _ON_THREAD_LOOP
             result = call(agent, name)
             if kind == _ON_THREAD_LOOP:
-                timed_out = _run_on_thread_loop(result, timeout)
+                timed_out = _run_on_home_loop(step, result, timeout)
                 if timed_out:
                     error = _timeout_error(agent, timeout, in_thread=False)  # type: ignore[arg-type]
         except Exception as exc:
@@ -582,8 +671,13 @@ def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
         del agent
 
 
-def _run_on_thread_loop(coro: Any, timeout: float | None) -> bool:
-    """Run an async-only agent's coroutine here; return True if it timed out."""
+def _run_on_home_loop(step: Step, coro: Any, timeout: float | None) -> bool:
+    """Run an async-only agent's coroutine on its model's home loop; True if it timed out.
+
+    The home loop is the one the model's asyncio-mode steps use, so what the agent
+    creates there (an async HTTP client's connections, locks) works in both modes. An
+    agent without a model runs on this worker thread's own persistent loop.
+    """
 
     async def bounded() -> bool:
         if timeout is None:
@@ -598,15 +692,20 @@ def _run_on_thread_loop(coro: Any, timeout: float | None) -> bool:
             raise
         return False
 
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
+    if step.model is not None:
+        return run_coroutine_sync(bounded, loop_policy=step.cfg.loop, model=step.model)
+    if asyncio._get_running_loop() is None:
         return run_on_thread_loop(bounded)
     return run_coroutine_sync(bounded)  # an async-only agent in a worker that runs a loop
 
 
 def run_step_threaded(step: Step) -> None:
-    """Run ``step`` in the thread pool."""
+    """Run ``step`` in the thread pool.
+
+    The calling thread waits for the runners. When the model's home loop is one this
+    thread must keep running (see ``_loops.prepare_home``), it waits by running that
+    loop, so that async-only agents sent there from the pool's threads can run.
+    """
     if step.n == 0:
         return
     cfg = step.cfg
@@ -617,26 +716,35 @@ def run_step_threaded(step: Step) -> None:
         _run_threaded_runner(step, _Runner(), dispatch)
         return
 
+    check_stuck_threads(cfg.max_workers)
+    drive_home = step.model is not None and prepare_home(step.model, cfg.loop)
     k = min(step.n, cfg.max_concurrency or step.n, cfg.max_workers)
     with pool.lease(cfg.max_workers) as executor:
         running: dict[concurrent.futures.Future[None], _Runner] = {}
-        for _ in range(k):
+
+        def start_runner() -> concurrent.futures.Future[None]:
             runner = _Runner()
-            job = functools.partial(_run_threaded_runner, step, runner, dispatch)
-            running[executor.submit(job)] = runner
+            # Each runner runs in a copy of the caller's context, as asyncio.to_thread does.
+            job = functools.partial(
+                step.context.copy().run, _run_threaded_runner, step, runner, dispatch
+            )
+            future = executor.submit(job)
+            running[future] = runner
+            return future
+
+        waiting = _Waiting(step, running, executor, start_runner, k)
         try:
-            if cfg.timeout is None:
-                _wait_interruptibly(running)
+            if drive_home:
+                run_coroutine_sync(waiting.wait_async, loop_policy=cfg.loop, model=step.model)
             else:
-                _wait_with_timeouts(step, running, dispatch, cfg.timeout)
+                waiting.wait()
         except BaseException:
-            with step.lock:
-                step.stop = True
+            step.halt()
             if any(not future.done() for future in running):
                 pool.replace()  # agents still running keep their workers; do not wait on them
             raise
-    for future in running:
-        if future.done():
+    for future, runner in running.items():
+        if future.done() and not runner.abandoned:
             future.result()  # only a BaseException escaping a runner can land here
 
 
@@ -646,71 +754,111 @@ def run_step_threaded(step: Step) -> None:
 _SIGNAL_CHECK_INTERVAL: Final = 0.1
 
 
-def _wait_interruptibly(futures: Iterable[concurrent.futures.Future[None]]) -> None:
-    pending = set(futures)
-    while pending:
-        _, pending = concurrent.futures.wait(pending, timeout=_SIGNAL_CHECK_INTERVAL)
+class _Waiting:
+    """The caller's wait for a threading-mode step's runners, with timeouts.
 
-
-def _start_spare_runner(
-    step: Step, dispatch: _Dispatch
-) -> tuple[concurrent.futures.Future[None], _Runner]:
-    """A runner on a thread of its own, to take over from one stuck on an overdue agent.
-
-    Not a pool job: the pool's workers may all be stuck, and the step must not wait for
-    them. The thread ends when the step has no more agents to start.
+    A runner whose agent overruns ``timeout`` is abandoned: the agent is reported as
+    timed out, the pool gives up its thread (which no longer counts as a worker and
+    exits when the call returns) and a new runner takes over, so the step and later
+    steps never wait for a stuck call.
     """
-    future: concurrent.futures.Future[None] = concurrent.futures.Future()
-    runner = _Runner()
 
-    def run() -> None:
-        _mark_pool_thread()
-        try:
-            _run_threaded_runner(step, runner, dispatch)
-        except BaseException as exc:  # handed to the waiting caller
-            future.set_exception(exc)
-        else:
-            future.set_result(None)
+    def __init__(
+        self,
+        step: Step,
+        running: dict[concurrent.futures.Future[None], _Runner],
+        executor: WorkerPool,
+        start_runner: Callable[[], concurrent.futures.Future[None]],
+        k: int,
+    ) -> None:
+        self.step = step
+        self.running = running
+        self.executor = executor
+        self.start_runner = start_runner
+        self.k = k
+        self.timeout = step.cfg.timeout
+        self.pending: set[concurrent.futures.Future[None]] = set()
 
-    threading.Thread(target=run, name="mesa-llm-parallel-spare", daemon=True).start()
-    return future, runner
+    def _start(self) -> None:
+        # Started by the waiting side itself: when it waits on a loop, only once that
+        # loop runs (what the runners send there must not be queued before the wait).
+        self.pending = {self.start_runner() for _ in range(self.k)}
 
-
-def _wait_with_timeouts(
-    step: Step,
-    running: dict[concurrent.futures.Future[None], _Runner],
-    dispatch: _Dispatch,
-    timeout: float,
-) -> None:
-    """Wait for the runners; abandon any agent past its deadline and replace its runner."""
-    pending = set(running)
-    while pending:
-        now = time.perf_counter()
-        with step.lock:
-            deadlines = [r.started + timeout for r in running.values() if r.agent is not None]
+    def _next_wait(self) -> float:
         wait_for = _SIGNAL_CHECK_INTERVAL
-        if deadlines:
-            wait_for = min(wait_for, max(0.0, min(deadlines) - now))
-        _, pending = concurrent.futures.wait(
-            pending, timeout=wait_for, return_when=concurrent.futures.FIRST_COMPLETED
-        )
+        if self.timeout is not None:
+            with self.step.lock:
+                deadlines = [
+                    self._deadline(r) for r in self.running.values() if r.agent is not None
+                ]
+            if deadlines:
+                wait_for = min(wait_for, max(0.0, min(deadlines) - time.perf_counter()))
+        return wait_for
+
+    def _deadline(self, runner: _Runner) -> float:
+        grace = _LOOP_TIMEOUT_GRACE if runner.on_loop else 0.0
+        return runner.started + self.timeout + grace  # type: ignore[operator]
+
+    def _check(self) -> None:
+        """Drop finished runners; abandon overdue ones and start their replacements."""
+        self.pending = {future for future in self.pending if not future.done()}
+        if self.timeout is None:
+            return
+        step = self.step
         now = time.perf_counter()
-        overdue: list[tuple[concurrent.futures.Future[None], _Runner, Any, int, float]] = []
+        overdue: list[tuple[concurrent.futures.Future[None], Any, int, float]] = []
         with step.lock:
-            for future, runner in running.items():
+            for future, runner in self.running.items():
                 agent = runner.agent
-                if agent is not None and not runner.abandoned and now >= runner.started + timeout:
+                if agent is not None and not runner.abandoned and now >= self._deadline(runner):
                     runner.abandoned = True
                     runner.agent = None
-                    overdue.append((future, runner, agent, runner.position, runner.started))
-        for future, _runner, agent, position, started in overdue:
-            pending.discard(future)
-            error = _timeout_error(agent, timeout, in_thread=True)
+                    overdue.append((future, agent, runner.position, runner.started))
+        for future, agent, position, started in overdue:
+            self.pending.discard(future)
+            error = _timeout_error(agent, self.timeout, in_thread=True)
+            try:
+                self.executor.abandon(future, repr(agent), step.cfg.max_workers)
+            except StuckThreadsError as stuck:
+                step.fatal = stuck
+                step.halt()
             step.finish(position, agent, started, error, timed_out=True)
             if not step.stop:
-                new_future, new_runner = _start_spare_runner(step, dispatch)
-                running[new_future] = new_runner
-                pending.add(new_future)
+                self.pending.add(self.start_runner())
+
+    def wait(self) -> None:
+        """Wait here, in short slices (a Ctrl-C is noticed between them)."""
+        self._start()
+        while self.pending:
+            concurrent.futures.wait(
+                self.pending,
+                timeout=self._next_wait(),
+                return_when=concurrent.futures.FIRST_COMPLETED,
+            )
+            self._check()
+
+    async def wait_async(self) -> None:
+        """Wait on the running loop, which meanwhile runs whatever is sent to it."""
+        loop = asyncio.get_running_loop()
+        heartbeat = None
+        if threading.current_thread() is threading.main_thread():
+            heartbeat = loop.create_task(_heartbeat())
+        wrapped: dict[concurrent.futures.Future[None], asyncio.Future[None]] = {}
+        try:
+            self._start()
+            while self.pending:
+                for future in self.pending:
+                    if future not in wrapped:
+                        wrapped[future] = asyncio.wrap_future(future, loop=loop)
+                await asyncio.wait(
+                    [wrapped[future] for future in self.pending],
+                    timeout=self._next_wait(),
+                    return_when=asyncio.FIRST_COMPLETED,
+                )
+                self._check()
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
 
 
 # -- from synchronous code ----------------------------------------------------------
@@ -730,6 +878,8 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
             step.close(model, interrupted=True)
             raise
         report = step.close(model)
+        if step.fatal is not None:
+            raise step.fatal
         if step.cfg.on_error == "raise":
             raise_failures(report)
     except BaseException:
@@ -739,6 +889,7 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
 
 def run_step_sync(step: Step, model: Any) -> None:
     """Run ``step`` from synchronous code in its mode, then close it (see _step_scope)."""
+    step.model = model
     with _step_scope(step, model):
         if step.mode == "threading":
             run_step_threaded(step)
@@ -755,6 +906,7 @@ def run_step_sync(step: Step, model: Any) -> None:
 
 async def run_step_in_loop(step: Step, model: Any) -> None:
     """Run ``step`` on the running loop (nothing nested), then close it."""
+    step.model = model
     with _step_scope(step, model):
         await run_step_async(step)
 

@@ -35,16 +35,21 @@ import asyncio
 import contextlib
 import contextvars
 import logging
+import os
+import sys
 import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Literal
 
+from mesa_llm_parallel._state import state_of
+
 __all__ = [
     "close_loops",
     "home_loop",
     "last_loop_path",
+    "prepare_home",
     "run_coroutine_sync",
     "run_on_thread_loop",
     "thread_loop",
@@ -60,16 +65,22 @@ _UNWIND_TIMEOUT: Final = 5.0
 
 _local = threading.local()
 
+#: Incremented in a forked child. Loops made before the fork share their selector and
+#: wake-up sockets with the parent's: the child never runs them (``_reset_after_fork``).
+_generation = 0
+
 
 def _new_loop() -> asyncio.AbstractEventLoop:
-    """A new event loop, made in an empty context.
+    """A new event loop of the library's own, made in an empty context.
 
     A loop registers its wake-up reader when it is made, and that callback keeps a copy
     of the context it was made in for the loop's whole life. Loops are often first
     needed inside an agent's step, whose context refers to the agent (and so to its
     model): made there, the persistent loop would keep the model alive forever.
     """
-    return contextvars.Context().run(asyncio.new_event_loop)
+    loop = contextvars.Context().run(asyncio.new_event_loop)
+    _own_loops.add(loop)
+    return loop
 
 
 class _LoopHolder:
@@ -137,9 +148,74 @@ def last_loop_path() -> LoopPath | None:
 
 
 # -- reusing a running loop ---------------------------------------------------------
+# A blocking step started while a loop runs in the calling thread runs nested on that
+# loop only where that is safe and useful: on the library's own loops (an agent's
+# ``astep`` that steps sub-agents with the blocking ``shuffle_do``), and on a Jupyter
+# kernel's loop (a cell; its later ``await`` code shares the model's loop-bound
+# clients). Any other running loop (an asyncio application, a web server, uvloop) is
+# left alone: the step runs on the library's background loop thread while the caller
+# blocks, as any blocking call would. Nesting a loop needs nest-asyncio2, which patches
+# asyncio process-wide and makes its tasks slower, and a chain of nested runs grows with
+# the number of callers at once: neither belongs in someone else's application.
 _nest_lock = threading.Lock()
 _nested_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _unpatchable_types: set[type] = set()
+#: Loops the library made (persistent thread loops, the background loop).
+_own_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+
+
+def _is_kernel_loop(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether ``loop`` (running in this thread) is an IPython kernel's own loop."""
+    if threading.current_thread() is not threading.main_thread():
+        return False
+    kernelapp = sys.modules.get("ipykernel.kernelapp")
+    if kernelapp is None:
+        return False
+    try:
+        return bool(kernelapp.IPKernelApp.initialized())
+    except Exception:  # an ipykernel we do not know: not a kernel to nest in
+        return False
+
+
+def _may_nest(loop: asyncio.AbstractEventLoop) -> bool:
+    """Whether a blocking step may run nested on ``loop``, which runs in this thread."""
+    if loop in _nested_loops:
+        return True
+    if loop not in _own_loops and not _is_kernel_loop(loop):
+        return False
+    return _can_reuse(loop)
+
+
+def _run_nested(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any]) -> Any:
+    """Run ``coro`` to completion on ``loop``, which is running in this thread.
+
+    This call is made from inside one callback of the loop's current iteration. If that
+    iteration is asyncio's own ``_run_once`` (nest-asyncio2 was applied while the loop
+    was already running), it took a count of the callbacks that were ready when it
+    began and will pop exactly that many more once this call returns. The nested run
+    may well run some of them (they are ready), and the outer iteration would then pop
+    from an empty queue: ``IndexError: pop from an empty deque``, the fault of applying
+    nest-asyncio to a loop already running several callbacks at once. So every ready
+    callback that the nested run consumed is replaced, at the front of the queue, by a
+    cancelled placeholder that the outer iteration pops and skips. Under nest-asyncio2's
+    own iterations, which re-check the queue, the placeholders are skipped as well.
+    """
+    ready = loop._ready  # type: ignore[attr-defined]
+    before = list(ready)
+    try:
+        return _run_until_complete(loop, coro)
+    finally:
+        if before:
+            still = {id(handle) for handle in ready}
+            consumed = sum(1 for handle in before if id(handle) not in still)
+            if consumed:
+                placeholder = asyncio.Handle(_nothing, (), loop)
+                placeholder.cancel()
+                ready.extendleft([placeholder] * consumed)
+
+
+def _nothing() -> None:
+    """The callback of a placeholder (never called: placeholders are cancelled)."""
 
 
 def _refuse(loop: asyncio.AbstractEventLoop, reason: object) -> bool:
@@ -301,12 +377,50 @@ class _Remote:
         while not self.done.is_set() and not loop.is_closed():
             if holder.lock.acquire(timeout=_POLL):
                 try:
-                    if not self.done.is_set() and not loop.is_closed():
-                        loop.run_until_complete(self._finished())
+                    self._drive_once()
                 except BaseException:  # noqa: S110 - another caller's task ended this run
                     pass  # (its own caller gets that exception); keep driving for ours
                 finally:
                     holder.lock.release()
+
+    def _drive_once(self) -> None:
+        """Run the loop (whose holder's lock this thread holds) until the task is done."""
+        if not self.done.is_set() and not self.loop.is_closed():
+            self.loop.run_until_complete(self._finished())
+
+    def wait_owned(self, holder: _LoopHolder) -> Any:
+        """Block until the task on ``holder``'s loop is done, running the loop when idle.
+
+        While another thread runs the loop (a step's caller, another worker), this one
+        only waits. Whenever nobody runs it, this thread (which runs no loop) does.
+        """
+        loop = self.loop
+        try:
+            while not self.done.is_set():
+                if loop.is_closed():
+                    raise _LoopGoneError("the model's home loop was closed before the step ended")
+                if loop.is_running() or not holder.lock.acquire(timeout=_POLL):
+                    self.done.wait(_POLL)
+                    continue
+                try:
+                    self._drive_once()
+                except (Exception, KeyboardInterrupt):
+                    raise
+                except BaseException:  # noqa: S110 - another caller's task ended this run
+                    pass  # (its own caller gets that exception); keep driving for ours
+                finally:
+                    holder.lock.release()
+        except BaseException:
+            self.cancel()
+            if holder.lock.acquire(blocking=False):  # nobody runs it: let the task unwind
+                try:
+                    with contextlib.suppress(BaseException):
+                        loop.run_until_complete(asyncio.wait_for(self._finished(), _UNWIND_TIMEOUT))
+                finally:
+                    holder.lock.release()
+            self.done.wait(_UNWIND_TIMEOUT)
+            raise
+        return self.task.result()  # type: ignore[union-attr]
 
     def wait(self, holder: _LoopHolder | None) -> Any:
         """Block until the task is done; return its result or raise its exception."""
@@ -338,14 +452,18 @@ def _send(
     """Run the coroutine on ``loop`` and block this thread until it is done.
 
     Without ``holder`` the loop is running in its own thread (the background loop, a
-    kernel's, a UI server's). With one it is a persistent loop of ours that this thread
-    cannot run: a helper thread runs it as soon as no other thread does.
+    kernel's, a UI server's). With one it is a persistent loop of ours: whenever no
+    other thread runs it, this thread runs it if it runs no loop itself, or else a
+    helper thread does.
     """
     remote = _Remote(loop, factory)
-    if holder is not None:
-        threading.Thread(
-            target=remote.pump, args=(holder,), name="mesa-llm-parallel-loop", daemon=True
-        ).start()
+    if holder is None:
+        return remote.wait(None)
+    if asyncio._get_running_loop() is None:
+        return remote.wait_owned(holder)
+    threading.Thread(
+        target=remote.pump, args=(holder,), name="mesa-llm-parallel-loop", daemon=True
+    ).start()
     return remote.wait(holder)
 
 
@@ -368,28 +486,22 @@ def run_on_thread_loop(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
 
 
 # -- homes --------------------------------------------------------------------------
-#: The attribute that keeps a model's home on the model itself. Kept there, and not in a
-#: registry of this module, the home lives exactly as long as the model: a loop that
-#: refers back to the model (a task an agent left pending) is then garbage the
-#: collector can free, not a module-level reference that keeps the model alive.
-_HOME_ATTRIBUTE: Final = "_mesa_llm_parallel_home"
-
-
 class _Home:
     """Where a model's asyncio steps run: one loop, and its holder if the loop is ours.
 
-    Copying or pickling a model gives the copy no home (a loop cannot be copied): the
-    copy's first asyncio step chooses its own.
+    Kept in the model's own state (``_state``), not in a registry of this module: the
+    home then lives exactly as long as the model, and a loop that refers back to the
+    model (a task an agent left pending) is garbage the collector can free. Copies and
+    unpickled models start without a home (a loop cannot be copied): their first asyncio
+    step chooses their own. A home made before a fork is not used in the child.
     """
 
-    __slots__ = ("holder", "loop")
+    __slots__ = ("generation", "holder", "loop")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop | None, holder: _LoopHolder | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
         self.loop = loop
         self.holder = holder  # keeps a persistent loop open while the model lives
-
-    def __reduce__(self) -> tuple[Any, ...]:
-        return (_Home, (None, None))
+        self.generation = _generation
 
 
 _HOMELESS: Final = object()
@@ -399,11 +511,9 @@ _home_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 
 
 def _home_of(model: Any) -> _Home | None:
-    try:
-        home = vars(model).get(_HOME_ATTRIBUTE)
-    except TypeError:  # no __dict__: no home
-        return None
-    if home is None or home.loop is None or home.loop.is_closed():
+    state = state_of(model, create=False)
+    home = None if state is None else state.home
+    if home is None or home.generation != _generation or home.loop.is_closed():
         return None
     return home
 
@@ -420,8 +530,9 @@ def _set_home(model: Any, loop: asyncio.AbstractEventLoop, holder: _LoopHolder |
     current = _home_of(model)
     if current is not None and current.loop is loop:
         return  # with loop="background", every step: nothing to change
-    with contextlib.suppress(TypeError):  # no __dict__: no home
-        vars(model)[_HOME_ATTRIBUTE] = _Home(loop, holder)
+    state = state_of(model)
+    if state is not None:  # no __dict__: no home
+        state.home = _Home(loop, holder)
         _home_loops.add(loop)
 
 
@@ -433,10 +544,10 @@ def _run_at_home(
     """Run the step on the model's home loop; ``_HOMELESS`` if that cannot be done."""
     loop = home.loop
     if loop is running:
-        if not _can_reuse(loop):
+        if not _may_nest(loop):
             return _HOMELESS
         _local.last_path = "running_loop"
-        return _run_until_complete(loop, factory())
+        return _run_nested(loop, factory())
     bg = _background
     holder = home.holder
     if bg is not None and loop is bg.loop:
@@ -474,7 +585,7 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
         running = asyncio.get_running_loop()
     except RuntimeError:
         return event.wait(timeout)
-    if running not in _home_loops or not _can_reuse(running):
+    if running not in _home_loops or not _may_nest(running):
         return event.wait(timeout)
     deadline = None if timeout is None else time.monotonic() + timeout
 
@@ -485,7 +596,40 @@ def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
             await asyncio.sleep(_POLL / 5)
         return True
 
-    return _run_until_complete(running, waiting())
+    return _run_nested(running, waiting())
+
+
+def prepare_home(model: Any, loop_policy: Literal["auto", "background"] = "auto") -> bool:
+    """Give ``model`` the home loop an asyncio step from this thread would give it.
+
+    Used by threading-mode steps, whose async-only agents run on the model's home loop
+    (from the pool's threads) so that what they create there keeps working in either
+    mode. Returns True when the calling thread must run that loop while it waits for
+    the step: the loop running in this thread (a notebook cell), or a persistent loop of
+    the library's that nobody runs right now. Otherwise another thread runs it.
+    """
+    running = asyncio._get_running_loop()
+    if loop_policy == "auto":
+        home = _home_of(model)
+        if home is not None:
+            loop = home.loop
+            if loop is running:
+                if _may_nest(loop):
+                    return True
+            elif home.holder is not None:
+                return running is None and not loop.is_running()
+            elif loop.is_running():
+                return False  # its own thread runs it
+    if loop_policy == "background" or (running is not None and not _may_nest(running)):
+        bg = _background_loop()
+        _set_home(model, bg.loop, None)
+        return running is bg.loop and _may_nest(running)
+    if running is None:
+        holder = _thread_holder()
+        _set_home(model, holder.loop, holder)
+        return not holder.loop.is_running()
+    _set_home(model, running, None)
+    return True
 
 
 def run_coroutine_sync(
@@ -518,16 +662,19 @@ def run_coroutine_sync(
                 model,
             )
 
-    if loop_policy == "background" or (running is not None and not _can_reuse(running)):
-        if _background is not None and threading.current_thread() is _background.thread:
-            raise RuntimeError(
-                "cannot run a blocking parallel step on the library's own background loop "
-                "thread; use 'await ashuffle_do(...)' or 'await step_agents_parallel(...)' "
-                "from async code"
-            )
+    if loop_policy == "background" or (running is not None and not _may_nest(running)):
+        # Any running loop but a kernel's or the library's own is left alone: the step
+        # runs on the background loop thread while this thread blocks.
         _local.last_path = "background"
         bg = _background_loop()
         _set_home(model, bg.loop, None)
+        if running is bg.loop:  # a blocking step inside an agent on that very loop
+            if not _may_nest(running):
+                raise RuntimeError(
+                    "cannot run a blocking parallel step on the library's background loop "
+                    "thread; use 'await ashuffle_do(...)' from async code"
+                )
+            return _run_nested(running, factory())
         return bg.run(factory)
     if running is None:
         _local.last_path = "thread_loop"
@@ -536,7 +683,7 @@ def run_coroutine_sync(
         return _drive(holder, factory)
     _local.last_path = "running_loop"
     _set_home(model, running, None)
-    return _run_until_complete(running, factory())
+    return _run_nested(running, factory())
 
 
 def close_loops() -> None:
@@ -550,3 +697,27 @@ def close_loops() -> None:
         holders = list(_holders)
     for holder in holders:
         holder.close()
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: forget every loop and thread of the parent.
+
+    Only the thread that forked exists in the child; the background loop thread, the
+    persistent loops' owners and any thread that was running a loop do not, and locks
+    they held stay held. Everything is made anew on first use; models' homes from before
+    the fork are ignored (``_Home.generation``), so their next step chooses a new one.
+    """
+    global _local, _generation, _holders, _holders_lock, _nest_lock, _nested_loops  # noqa: PLW0603
+    global _background, _background_lock, _home_loops  # noqa: PLW0603
+    _generation += 1
+    _local = threading.local()
+    _holders = weakref.WeakSet()
+    _holders_lock = threading.Lock()
+    _nest_lock = threading.Lock()
+    _nested_loops = weakref.WeakSet()
+    _background = None
+    _background_lock = threading.Lock()
+    _home_loops = weakref.WeakSet()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

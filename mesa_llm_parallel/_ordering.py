@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
+import os
 import threading
 import weakref
 from types import TracebackType
@@ -251,3 +252,13 @@ def shared_lock(obj: Any) -> threading.RLock:
                 f"{type(obj).__name__}"
             ) from None
         return lock
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: shared locks that the parent's threads held would stay held."""
+    global _shared_locks, _shared_locks_guard  # noqa: PLW0603
+    _shared_locks = weakref.WeakKeyDictionary()
+    _shared_locks_guard = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

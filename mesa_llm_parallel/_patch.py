@@ -8,6 +8,7 @@ set to a true value? If either answer is no, Mesa's original method runs, untouc
 from __future__ import annotations
 
 import functools
+import os
 import threading
 import warnings
 from collections.abc import Callable
@@ -198,3 +199,12 @@ def installed_classes() -> tuple[type, ...]:
     """The classes that currently carry the patch."""
     with _lock:
         return tuple(_originals)
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: the patch stays, with a lock no parent thread can hold."""
+    global _lock  # noqa: PLW0603
+    _lock = threading.RLock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -10,6 +10,16 @@ leased it has returned. A resize therefore never disturbs a step in progress, an
 retired workers exit as soon as they are idle, so thousands of resizes leave no threads
 behind.
 
+A call that overran its timeout cannot be stopped. Its thread is *abandoned*
+(:meth:`WorkerPool.abandon`): it no longer counts as one of the pool's workers, so the
+pool starts another thread in its place, and it exits as soon as its call returns. Up to
+``max_workers`` threads may be abandoned at once in the whole process; past that,
+:class:`StuckThreadsError` names the stuck agents and no step starts more threads until
+some of those calls return, instead of the process growing threads without bound.
+
+After ``os.fork()`` the child has none of the parent's threads: every pool is forgotten
+there (``_reset_after_fork``) and the child's first step starts new workers.
+
 Why not :class:`concurrent.futures.ThreadPoolExecutor`: its workers are joined at
 interpreter exit, so one agent stuck in a call without a timeout would stop a script
 from ever exiting; a KeyboardInterrupt that lands while it starts a worker thread
@@ -22,13 +32,22 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import os
 import queue
 import threading
+import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from typing import Any
 
-__all__ = ["ResizablePool", "WorkerPool", "is_pool_thread"]
+__all__ = [
+    "ResizablePool",
+    "StuckThreadsError",
+    "WorkerPool",
+    "check_stuck_threads",
+    "is_pool_thread",
+    "stuck_threads",
+]
 
 _THREAD_PREFIX = "mesa-llm-parallel-worker"
 _thread_numbers = itertools.count(1)
@@ -46,6 +65,44 @@ def is_pool_thread() -> bool:
     return getattr(_pool_threads, "inside", False)
 
 
+class StuckThreadsError(RuntimeError):
+    """Too many threads are stuck in calls that overran their timeout.
+
+    Attributes:
+        stuck: Descriptions (``repr``) of the agents whose calls are still running.
+        bound: The most abandoned threads allowed at once (the step's ``max_workers``).
+    """
+
+    def __init__(self, stuck: list[str], bound: int) -> None:
+        self.stuck = stuck
+        self.bound = bound
+        listed = ", ".join(stuck[:5]) + (f" and {len(stuck) - 5} more" if len(stuck) > 5 else "")
+        super().__init__(
+            f"{len(stuck)} thread(s) are still stuck in agent calls that overran their "
+            f"timeout ({listed}); mesa_llm_parallel keeps at most max_workers={bound} such "
+            "threads at once and starts no more spare workers. Give the agents' blocking "
+            "calls a timeout of their own (an HTTP client's timeout), or raise max_workers."
+        )
+
+
+# Threads abandoned in calls that overran their timeout and have not returned yet, with a
+# description of the agent each runs. A thread removes itself when its call returns.
+_stuck: dict[threading.Thread, str] = {}
+_stuck_lock = threading.Lock()
+
+
+def stuck_threads() -> int:
+    """How many abandoned threads (calls that overran their timeout) still run."""
+    return len(_stuck)
+
+
+def check_stuck_threads(bound: int) -> None:
+    """Raise :class:`StuckThreadsError` if more than ``bound`` abandoned threads still run."""
+    with _stuck_lock:
+        if len(_stuck) > bound:
+            raise StuckThreadsError(list(_stuck.values()), bound)
+
+
 class WorkerPool:
     """At most ``size`` daemon worker threads, started on demand, running submitted jobs."""
 
@@ -54,6 +111,8 @@ class WorkerPool:
         self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._threads: set[threading.Thread] = set()
+        # The thread running each job, so that a job's thread can be abandoned.
+        self._running: dict[Future[Any], threading.Thread] = {}
         self._idle = 0  # workers waiting for a job that no submit has claimed yet
         self._shutdown = False
 
@@ -75,6 +134,32 @@ class WorkerPool:
                 self._threads.add(thread)
                 thread.start()
         return future
+
+    def abandon(self, future: Future[Any], label: str, bound: int) -> bool:
+        """Give up on the thread running ``future``'s job; start no more jobs on it.
+
+        The thread stops counting as one of the pool's workers (the next submit may start
+        a new one) and exits when the job returns. Returns False when the job is not
+        running (it has not started, or has returned).
+
+        Raises:
+            StuckThreadsError: After abandoning it, when more than ``bound`` abandoned
+                threads are still running. The step that gets it stops; every later step
+                raises it at its start until enough of those calls have returned, so
+                the process never holds more than ``bound + 1`` stuck threads.
+        """
+        with self._lock:
+            thread = self._running.get(future)
+            if thread is None or thread not in self._threads:
+                return False
+            self._threads.discard(thread)
+            with _stuck_lock:
+                _stuck[thread] = label
+                over = len(_stuck) > bound
+                stuck = list(_stuck.values())
+        if over:
+            raise StuckThreadsError(stuck, bound)
+        return True
 
     def alive(self) -> int:
         """How many of the pool's threads are still running."""
@@ -110,18 +195,31 @@ class WorkerPool:
                 future, fn = item
                 del item
                 if future.set_running_or_notify_cancel():
+                    with self._lock:
+                        self._running[future] = me
                     try:
                         result = fn()
                     except BaseException as exc:  # handed to whoever waits for the job
                         del fn
+                        self._job_done(future)
                         future.set_exception(exc)
                     else:
                         del fn
+                        self._job_done(future)
                         future.set_result(result)
+                    with self._lock:
+                        if me not in self._threads:  # abandoned: the pool replaced it
+                            return
                 del future
         finally:
             with self._lock:
                 self._threads.discard(me)
+            with _stuck_lock:
+                _stuck.pop(me, None)
+
+    def _job_done(self, future: Future[Any]) -> None:
+        with self._lock:
+            self._running.pop(future, None)
 
 
 class _Entry:
@@ -133,6 +231,9 @@ class _Entry:
         self.retired = False
 
 
+_resizable_pools: weakref.WeakSet[ResizablePool] = weakref.WeakSet()
+
+
 class ResizablePool:
     """A thread pool whose size can change between steps.
 
@@ -141,6 +242,11 @@ class ResizablePool:
     """
 
     def __init__(self) -> None:
+        self._forget()
+        _resizable_pools.add(self)
+
+    def _forget(self) -> None:
+        """Start empty: no current pool, nothing retired (also in a forked child)."""
         self._lock = threading.Lock()
         self._current: _Entry | None = None
         # Pools shut down without waiting, kept so that shutdown(wait=True) can join
@@ -218,3 +324,20 @@ class ResizablePool:
         if wait:
             for pool in retired:
                 pool.shutdown(wait=True)
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: forget the parent's workers, which do not exist here.
+
+    Their pools would believe they have idle workers and queue jobs for ever. The child's
+    next step starts new ones. Nothing of the parent's threads is touched.
+    """
+    global _pool_threads, _stuck, _stuck_lock  # noqa: PLW0603
+    _pool_threads = threading.local()  # the forking thread is no worker in the child
+    _stuck = {}
+    _stuck_lock = threading.Lock()
+    for pool in list(_resizable_pools):
+        pool._forget()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

@@ -6,11 +6,16 @@ schedules the next step only after the current one returns. When an exception es
 later ``model.step()`` silently does nothing. In a notebook, where interrupts and
 model-server errors are routine, that looks like a dead model.
 
-When a parallel step raises, :func:`arm` notes which generator was running it. On the
-model's next advance of time (``model.step()``, ``run_for``, ``run_until``) the
-generator is checked: if nothing rescheduled it, because the exception escaped, it is
-rescheduled exactly as Mesa would have; if the user's code caught the exception and
-Mesa went on normally, nothing is done, so a step is never scheduled twice.
+When a parallel step raises, :func:`arm` puts one *resume* event into the model's own
+event list, at the time of the failed step and after it in priority. That event runs
+first on the model's next advance of time (``model.step()``, ``run_for``,
+``run_until``): if nothing rescheduled the generator, because the exception escaped, it
+reschedules it exactly as Mesa would have; if the user's code caught the exception and
+Mesa went on normally, it does nothing, so a step is never scheduled twice.
+
+The event is plain data in the model (a module-level function and its arguments):
+``copy.deepcopy`` and ``pickle`` copy it with the model, so a copy of a model whose step
+failed resumes its own steps, never the original's.
 """
 
 from __future__ import annotations
@@ -19,8 +24,6 @@ import warnings
 from typing import Any
 
 __all__ = ["arm"]
-
-_ARMED = "_mesa_llm_parallel_recovery"
 
 
 def _in_event_list(model: Any, event: Any) -> bool:
@@ -42,42 +45,39 @@ def _running_generators(model: Any) -> list[tuple[Any, Any]]:
     return found
 
 
+def _armed_for(model: Any, event: Any) -> bool:
+    for queued in model._event_list._events:
+        fn = queued.fn() if queued.fn is not None else None
+        if fn is _resume and queued.function_args[2] is event:
+            return True
+    return False
+
+
 def arm(model: Any) -> None:
     """Prepare ``model`` to resume stepping after the exception now propagating."""
     if model is None or not hasattr(model, "_event_generators"):
         return  # Mesa before 3.5: model.step is a plain method, nothing to repair
-    if _ARMED in vars(model):
-        return
     try:
-        running = _running_generators(model)
-    except AttributeError as exc:
+        from mesa.time.events import Event, Priority
+
+        for generator, event in _running_generators(model):
+            if not _armed_for(model, event):
+                model._event_list.add_event(
+                    Event(event.time, _resume, Priority.LOW, [model, generator, event])
+                )
+    except (AttributeError, ImportError, TypeError) as exc:
         warnings.warn(
             f"mesa_llm_parallel cannot re-arm {type(model).__name__} after this exception "
             f"(unexpected Mesa internals: {exc}); Mesa may not step this model again",
             RuntimeWarning,
             stacklevel=3,
         )
-        return
-    if not running:
-        return  # not inside a scheduled step (e.g. shuffle_do called directly)
 
-    had_own = "_advance_time" in vars(model)
-    own = vars(model).get("_advance_time")
 
-    def advance_time(until: float) -> None:
-        # One-shot: put back whatever _advance_time the model had, then repair.
-        if had_own:
-            model._advance_time = own
-        else:
-            del model._advance_time
-        vars(model).pop(_ARMED, None)
-        for generator, event in running:
-            if generator._current_event is event and generator._active:
-                _reschedule(model, generator)
-        model._advance_time(until)
-
-    model._advance_time = advance_time
-    setattr(model, _ARMED, True)
+def _resume(model: Any, generator: Any, event: Any) -> None:
+    """The resume event: reschedule ``generator`` if its failed ``event`` is still current."""
+    if generator._current_event is event and generator._active:
+        _reschedule(model, generator)
 
 
 def _reschedule(model: Any, generator: Any) -> None:

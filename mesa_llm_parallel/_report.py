@@ -3,9 +3,9 @@
 Core objects: :class:`StepReport` (one per parallel step, frozen), :class:`AgentFailure`,
 :func:`last_step_report`, :func:`add_step_callback` / :func:`remove_step_callback`.
 
-A model's latest report is kept on the model itself, never in module state: a report
-refers to failing agents and their exceptions, and a module-level table would keep the
-model alive after ``del model``.
+A model's latest report is kept in the model's own library state (``_state``), never in
+module state: a report refers to failing agents and their exceptions, and a module-level
+table would keep the model alive after ``del model``.
 """
 
 from __future__ import annotations
@@ -13,10 +13,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
+
+from mesa_llm_parallel._state import state_of
 
 __all__ = [
     "AgentFailure",
@@ -27,8 +30,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("mesa_llm_parallel")
-
-_REPORT_ATTRIBUTE = "_mesa_llm_parallel_last_report"
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -65,6 +66,10 @@ class StepReport:
         pool_size: The thread-pool size the step used (``max_workers``).
         max_concurrency: The concurrency cap the step used, or None.
         interrupted: Whether the step was interrupted or cancelled before it finished.
+        stuck_threads: Threads of the process still running a call that overran its
+            ``timeout`` (in this step or an earlier one) when the step ended. They no
+            longer count as pool workers; at most ``max_workers`` may be stuck at once
+            (see :class:`~mesa_llm_parallel.StuckThreadsError`).
     """
 
     mode: str
@@ -79,6 +84,7 @@ class StepReport:
     pool_size: int
     max_concurrency: int | None
     interrupted: bool = False
+    stuck_threads: int = 0
 
     @property
     def timed_out(self) -> tuple[AgentFailure, ...]:
@@ -106,6 +112,8 @@ class StepReport:
             f"peak {self.peak_in_flight} in flight",
             f"{self.mode}, pool {self.pool_size}",
         ]
+        if self.stuck_threads:
+            parts.append(f"{self.stuck_threads} stuck thread(s)")
         if self.interrupted:
             parts.append("interrupted")
         return ", ".join(parts)
@@ -113,17 +121,19 @@ class StepReport:
 
 def last_step_report(model: Any) -> StepReport | None:
     """The report of ``model``'s most recent parallel step, or None before any."""
-    return getattr(model, _REPORT_ATTRIBUTE, None)
+    state = state_of(model, create=False)
+    return None if state is None else state.last_report
 
 
 _last_model: weakref.ref[Any] | None = None
 
 
 def store_report(model: Any, report: StepReport) -> None:
-    """Keep ``report`` as ``model``'s latest (on the model itself)."""
+    """Keep ``report`` as ``model``'s latest (in the model's own state)."""
     global _last_model  # noqa: PLW0603 - a weak reference: never keeps a model alive
-    with contextlib.suppress(AttributeError):  # a model with __slots__: no report, no error
-        setattr(model, _REPORT_ATTRIBUTE, report)
+    state = state_of(model)
+    if state is not None:  # a model with __slots__: no report, no error
+        state.last_report = report
     with contextlib.suppress(TypeError):
         _last_model = weakref.ref(model)
 
@@ -170,3 +180,12 @@ def run_callbacks(model: Any, report: StepReport) -> None:
             callback(model, report)
         except Exception:
             logger.exception("mesa_llm_parallel: step callback %r failed", callback)
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: the callbacks stay, with a lock no parent thread can hold."""
+    global _callbacks_lock  # noqa: PLW0603
+    _callbacks_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)

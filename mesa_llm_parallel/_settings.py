@@ -334,3 +334,6 @@ def _unknown_message(name: str) -> str:
 
 #: The one live settings object of the process.
 settings: Final = Settings()
+
+# A forked child keeps the values, with a lock that no thread of the parent can hold.
+os.register_at_fork(after_in_child=lambda: object.__setattr__(settings, "_lock", threading.Lock()))

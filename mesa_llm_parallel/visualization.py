@@ -28,6 +28,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import html
+import os
 import threading
 import weakref
 from collections.abc import Callable, Mapping
@@ -134,6 +135,15 @@ class _ModelState:
 _states_lock = threading.Lock()
 _states: weakref.WeakKeyDictionary[Any, _ModelState] = weakref.WeakKeyDictionary()
 _callback_added = False
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: the history stays, with a lock no parent thread can hold."""
+    global _states_lock  # noqa: PLW0603
+    _states_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _record_step(model: Any, report: StepReport) -> None:

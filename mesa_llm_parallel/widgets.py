@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import os
 import queue
 import threading
 import time
@@ -71,6 +72,16 @@ _PROCESS_WIDE: Final = (
 # Weak: a panel that is no longer referenced anywhere is not kept alive by this set.
 _open_panels: weakref.WeakSet[ParallelSteppingPanel] = weakref.WeakSet()
 _open_panels_lock = threading.Lock()
+
+
+def _reset_after_fork() -> None:
+    """In a forked child: no panel runs there (their threads are the parent's)."""
+    global _open_panels, _open_panels_lock  # noqa: PLW0603
+    _open_panels = weakref.WeakSet()
+    _open_panels_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_reset_after_fork)
 
 
 def _refresh_other_panels(changed: ParallelSteppingPanel) -> None:

@@ -21,6 +21,19 @@ def clean_state():
     mlp.settings.reset()
 
 
+@pytest.fixture
+def as_if_in_a_kernel(monkeypatch):
+    """Treat every running loop as a Jupyter kernel's: steps started in it nest there.
+
+    What a notebook cell does, without a kernel (tests/test_kernel.py runs real ones).
+    Without this fixture a running loop is an application's, and steps started in it run
+    on the library's background loop thread.
+    """
+    from mesa_llm_parallel import _loops
+
+    monkeypatch.setattr(_loops, "_is_kernel_loop", lambda loop: True)
+
+
 @pytest.fixture(scope="module")
 def jupyter_env(tmp_path_factory):
     """A ``python3`` kernelspec that starts this interpreter, found before any other.

@@ -20,6 +20,7 @@ import pytest
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _loops
+from mesa_llm_parallel._state import state_of
 
 WAIT = 30.0  # bounds a hang; no test expects to come near it
 
@@ -183,7 +184,9 @@ def test_inside_a_running_loop_a_model_homed_elsewhere_steps_on_its_home():
     assert mlp.last_step_report(model).failures == ()
 
 
-def test_a_model_homed_on_a_loop_another_thread_runs_is_stepped_there(loop_thread):
+def test_a_model_homed_on_a_loop_another_thread_runs_is_stepped_there(
+    loop_thread, as_if_in_a_kernel
+):
     model = Calls()
     assert loop_thread.call(step_and_path, model) == "running_loop"  # reused, nested
     assert mlp.home_loop(model) is loop_thread.loop
@@ -218,7 +221,7 @@ def test_two_models_sharing_a_home_step_at_once_from_two_threads():
         assert mlp.last_step_report(model).failures == ()
 
 
-def test_a_closed_home_is_replaced():
+def test_a_closed_home_is_replaced(as_if_in_a_kernel):
     model = Calls()
 
     async def cell() -> None:
@@ -272,7 +275,7 @@ def test_an_interrupt_while_waiting_for_the_home_loop_cancels_the_step(loop_thre
     assert mlp.last_step_report(model).completed == len(model.agents)
 
 
-def test_waiting_in_a_cell_keeps_the_home_loop_running_for_a_background_run():
+def test_waiting_in_a_cell_keeps_the_home_loop_running_for_a_background_run(as_if_in_a_kernel):
     """A panel's run sends its steps to the kernel's loop while a cell waits for it."""
     model = Calls()
     done = threading.Event()
@@ -298,7 +301,7 @@ def test_waiting_in_a_cell_keeps_the_home_loop_running_for_a_background_run():
     assert model.threads() == {threading.get_ident()}
 
 
-def test_asyncio_run_still_closes_its_loop_once_a_running_loop_was_reused():
+def test_asyncio_run_still_closes_its_loop_once_a_running_loop_was_reused(as_if_in_a_kernel):
     async def cell() -> asyncio.AbstractEventLoop:
         Calls().step()  # reuses this running loop: nest-asyncio2 is applied
         return asyncio.get_running_loop()
@@ -406,7 +409,9 @@ def test_closing_the_loops_while_a_step_waits_for_its_home_never_strands_it():
     assert not mlp.home_loop(first).is_closed()
 
 
-def test_a_step_sent_to_a_home_loop_that_stops_fails_instead_of_hanging(loop_thread):
+def test_a_step_sent_to_a_home_loop_that_stops_fails_instead_of_hanging(
+    loop_thread, as_if_in_a_kernel
+):
     model = Calls(delay=0.01)
     loop_thread.call(step_and_path, model)
     model.delay = WAIT
@@ -435,7 +440,7 @@ def test_another_callers_system_exit_does_not_strand_a_joined_step():
     quitter, waiter = Calls(n=0), Calls(n=4, delay=0.01)
     Exiting.create_agents(quitter, 1)
     waiter.step()  # waiter's home: this thread's loop
-    vars(quitter)[_loops._HOME_ATTRIBUTE] = vars(waiter)[_loops._HOME_ATTRIBUTE]  # shared
+    state_of(quitter).home = state_of(waiter).home  # shared
     waiter.delay = 0.6
     outcome: dict[str, object] = {}
 

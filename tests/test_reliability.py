@@ -241,12 +241,26 @@ def test_timeout_and_rate_limit_reject_bad_numbers(value):
 # -- rate limit ---------------------------------------------------------------------
 def test_rate_limiter_spaces_starts_without_bursts():
     limiter = StartRateLimiter()
-    waits = [limiter.reserve(50.0) for _ in range(5)]
-    gaps = [b - a for a, b in itertools.pairwise(waits)]
-    assert all(g == pytest.approx(0.02, abs=0.002) for g in gaps)
+    slots = [limiter.reserve(50.0)[0] for _ in range(5)]
+    gaps = [b - a for a, b in itertools.pairwise(slots)]
+    assert all(g == pytest.approx(0.02, abs=1e-9) for g in gaps)
     time.sleep(0.2)  # idle time does not build up credit for a burst
-    later = [limiter.reserve(50.0) for _ in range(3)]
-    assert later[1] - later[0] == pytest.approx(0.02, abs=0.002)
+    later = [limiter.reserve(50.0)[0] for _ in range(3)]
+    assert later[1] - later[0] == pytest.approx(0.02, abs=1e-9)
+
+
+def test_rate_limiter_hands_given_back_slots_to_later_reservations():
+    limiter = StartRateLimiter()
+    slots = [limiter.reserve(10.0)[0] for _ in range(5)]  # 0.0, 0.1, ... 0.4 s ahead
+    for slot in slots[1:]:  # four holders stop waiting: every slot after the first
+        limiter.give_back(slot, 10.0)
+    slot, wait = limiter.reserve(10.0)
+    assert slot == pytest.approx(slots[1], abs=1e-9)  # one slot after the used one
+    assert wait <= 0.1 + 1e-3
+    middle = [limiter.reserve(10.0)[0] for _ in range(3)]
+    limiter.give_back(middle[0], 10.0)  # a slot in the middle: reused, spacing kept
+    assert limiter.reserve(10.0)[0] == pytest.approx(middle[0], abs=1e-9)
+    assert limiter.reserve(10.0)[0] == pytest.approx(middle[-1] + 0.1, abs=1e-9)
 
 
 @pytest.mark.parametrize("mode", MODES)

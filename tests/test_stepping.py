@@ -14,6 +14,7 @@ from mesa.agentset import AgentSet, _HardKeyAgentSet
 from models import AsyncAgent, BothAgent, SyncAgent, ToyModel
 
 import mesa_llm_parallel as mlp
+from mesa_llm_parallel import _loops
 
 MODES = ["asyncio", "threading"]
 
@@ -122,27 +123,30 @@ def test_agent_with_both_methods_uses_the_one_for_the_mode(mode, expected):
     assert {a.ran for a in model.agents} == {expected}
 
 
-def test_threading_mode_runs_async_only_agents_on_persistent_worker_loops():
+def test_threading_mode_runs_async_only_agents_on_the_models_home_loop():
     mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=3)
-    loops: list[tuple[int, asyncio.AbstractEventLoop]] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+    in_flight, peak = 0, 0
 
     class LoopRecorder(mesa.Agent):
         def __init__(self, model, delay=0.0):
             super().__init__(model)
 
         async def astep(self):
-            loops.append((threading.get_ident(), asyncio.get_running_loop()))
+            nonlocal in_flight, peak
+            loops.append(asyncio.get_running_loop())
+            in_flight += 1
+            peak = max(peak, in_flight)
             await asyncio.sleep(0.005)
+            in_flight -= 1
 
     model = ToyModel(9, LoopRecorder)
     model.step()
     model.step()
     assert len(loops) == 18
-    by_thread: dict[int, set] = {}
-    for ident, loop in loops:
-        by_thread.setdefault(ident, set()).add(loop)
-    assert threading.get_ident() not in by_thread
-    assert all(len(found) == 1 for found in by_thread.values())  # one loop per worker, reused
+    # One loop for every agent of every step: the loop an asyncio step would use.
+    assert set(loops) == {mlp.home_loop(model)}
+    assert peak == 3  # the pool's 3 threads each wait for one agent at a time
 
 
 def test_agent_with_neither_method_runs_mesas_no_op_step():
@@ -192,23 +196,32 @@ def test_dead_weak_references_are_skipped_in_a_weak_agent_set():
 
 
 @pytest.mark.parametrize("mode", MODES)
-def test_step_inside_a_running_event_loop(mode):
+@pytest.mark.parametrize("host", ["kernel", "application"])
+def test_step_inside_a_running_event_loop(mode, host, request):
+    if host == "kernel":
+        request.getfixturevalue("as_if_in_a_kernel")
     mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=4)
     model = ToyModel(10, AsyncAgent, delay=0.01)
 
-    async def cell():  # what a notebook cell or a Solara button handler does
+    async def cell():  # a notebook cell, or a coroutine of an asyncio application
         model.step()
         model.step()
-        return mlp.last_loop_path()
+        return mlp.last_loop_path(), mlp.home_loop(model) is asyncio.get_running_loop()
 
-    path = asyncio.run(cell())
+    path, home_is_this_loop = asyncio.run(cell())
     assert len(model.tracker.starts) == 20
     assert model.tracker.peak > 1
-    if mode == "asyncio":
-        assert path == "running_loop"
+    if host == "kernel":  # nested on the kernel's loop, which is the model's home
+        assert home_is_this_loop
+        if mode == "asyncio":
+            assert path == "running_loop"
+    else:  # an application's loop is left alone: the library's background loop
+        assert mlp.home_loop(model) is _loops._background.loop
+        if mode == "asyncio":
+            assert path == "background"
 
 
-def test_running_loop_is_not_starved_during_a_nested_step():
+def test_running_loop_is_not_starved_during_a_nested_step(as_if_in_a_kernel):
     mlp.enable_automatic_parallel_stepping()
     model = ToyModel(5, AsyncAgent, delay=0.05)
     ticks = 0
