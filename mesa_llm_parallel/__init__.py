@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from mesa_llm_parallel._loops import home_loop, last_loop_path
 from mesa_llm_parallel._ordering import in_turn, shared_lock
+from mesa_llm_parallel._pool import StuckThreadsError
 from mesa_llm_parallel._report import (
     AgentFailure,
     StepReport,
@@ -65,6 +66,7 @@ __all__ = [
     "Settings",
     "SettingsSnapshot",
     "StepReport",
+    "StuckThreadsError",
     "UnknownSettingError",
     "__version__",
     "add_step_callback",

@@ -20,6 +20,7 @@ package never imports it.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import html
 import os
 import queue
@@ -213,7 +214,11 @@ class ParallelSteppingPanel(widgets.VBox):
         self._idle = threading.Event()
         self._idle.set()
         self._pause_requested = threading.Event()
-        self._requests: queue.SimpleQueue[int | None] = queue.SimpleQueue()
+        # A run request: its step count and the context of the code that asked for it
+        # (a cell's context variables reach the agents, as in a step run in the cell).
+        self._requests: queue.SimpleQueue[tuple[int, contextvars.Context] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread: threading.Thread | None = None
 
         self._build()
@@ -393,7 +398,7 @@ class ParallelSteppingPanel(widgets.VBox):
         self._show_running(True)
         self._show_traceback(None)
         self._set_status(f"Running {steps} step{'s' if steps != 1 else ''}…")
-        self._requests.put(steps)
+        self._requests.put((steps, contextvars.copy_context()))
 
     def step(self) -> None:
         """Run one step in the background (``run(1)``).
@@ -471,12 +476,14 @@ class ParallelSteppingPanel(widgets.VBox):
     # -- the runner -------------------------------------------------------------------
     def _runner(self) -> None:
         while True:
-            steps = self._requests.get()
-            if steps is None:
+            request = self._requests.get()
+            if request is None:
                 return
+            steps, context = request
+            del request
             message, failed = "Stopped.", True
             try:
-                message, failed = self._run_steps(steps)
+                message, failed = context.run(self._run_steps, steps)
             finally:
                 # Under the run lock, so that pause() never writes "Pausing..." after the
                 # run has ended.

@@ -61,7 +61,7 @@ def test_asyncio_mode_in_a_script_reuses_one_async_client(server):
     model.close()
 
 
-def test_asyncio_mode_inside_a_running_loop(server):
+def test_asyncio_mode_inside_a_running_loop(server, as_if_in_a_kernel):
     mlp.enable_automatic_parallel_stepping(mode="asyncio")
     model = ChatModel(AGENTS, server.base_url, seed=1)
 
