@@ -458,6 +458,10 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     lease = pool.lease(cfg.max_workers)
                     executor = lease.__enter__()
                 await workers.acquire()
+                if step.stop:  # the step stopped while this agent waited for a worker
+                    workers.release()
+                    pass_turn(position)
+                    return
                 agent = resolve(entries[position])  # removed while waiting for a worker?
                 if agent is None:
                     workers.release()

@@ -254,6 +254,41 @@ def test_a_step_in_a_cell_reuses_the_running_kernel_loop(kernel):
     assert after["runs"] == [1] * 20
 
 
+def test_async_agents_stay_on_the_kernel_loop_across_mode_switches(kernel):
+    """Threading-mode steps in a cell run async-only agents on the kernel's loop too."""
+    kernel.run(
+        SETUP
+        + "class Recorder(mesa.Agent):\n"
+        + "    async def astep(self):\n"
+        + "        if self.model.alock is None:\n"
+        + "            self.model.alock = asyncio.Lock()  # binds to the loop it is used on\n"
+        + "        async with self.model.alock:\n"
+        + "            await asyncio.sleep(0.001)\n"
+        + "        self.model.loops.add(asyncio.get_running_loop())\n"
+        + "class Recorders(mesa.Model):\n"
+        + "    def __init__(self):\n"
+        + "        super().__init__(rng=1)\n"
+        + "        self.parallel_stepping, self.alock, self.loops = True, None, set()\n"
+        + "        Recorder.create_agents(self, 12)\n"
+        + "    def step(self):\n"
+        + "        self.agents.shuffle_do('step')\n"
+        + "m = Recorders()\n"
+    )
+    output = kernel.run(
+        "for mode in ['threading', 'asyncio', 'threading', 'asyncio']:\n"
+        "    mlp.enable_automatic_parallel_stepping(mode=mode)\n"
+        "    m.step()\n"
+        "    r = mlp.last_step_report(m)\n"
+        "    print('STEP', r.mode, r.completed, len(r.failures), flush=True)\n"
+        "print('LOOPS', m.loops == {asyncio.get_running_loop()}, mlp.home_loop(m) is "
+        "asyncio.get_running_loop())"
+    )
+    assert output.count("STEP") == 4
+    assert "STEP threading 12 0" in output
+    assert "STEP asyncio 12 0" in output
+    assert "LOOPS True True" in output
+
+
 @pytest.mark.parametrize("mode", ["asyncio", "threading"])
 def test_interrupt_stops_a_step_and_the_model_steps_normally_after(kernel, mode):
     kernel.run(

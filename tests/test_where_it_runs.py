@@ -774,6 +774,79 @@ def test_the_next_step_runs_every_agent_while_a_timed_out_one_is_still_blocked(m
         unblock(model, steps)
 
 
+class AllBlock(mesa.Agent):
+    """Sync only: blocks on the model's event for as long as the model holds."""
+
+    def step(self) -> None:
+        model = self.model
+        if model.hold:
+            with model.lock:
+                model.blocked += 1
+            model.release.wait(30)
+            with model.lock:
+                model.blocked -= 1
+        with model.lock:
+            model.stepped += 1
+
+
+class AllBlockers(mesa.Model):
+    def __init__(self, n: int = 3) -> None:
+        super().__init__(rng=7)
+        self.parallel_stepping = True
+        self.lock = threading.Lock()
+        self.release = threading.Event()
+        self.hold = True
+        self.blocked = 0
+        self.stepped = 0
+        AllBlock.create_agents(self, n)
+
+    def step(self) -> None:
+        self.agents.shuffle_do("step")
+
+
+def wait_until(condition: Callable[[], bool]) -> bool:
+    deadline = time.monotonic() + WAIT
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return condition()
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_abandoned_threads_are_bounded_by_max_workers(mode):
+    mlp.enable_automatic_parallel_stepping(
+        mode=mode, max_workers=1, timeout=0.2, on_error="collect"
+    )
+    model = AllBlockers()
+    try:
+        # 1st agent stuck: abandoned (1 <= max_workers); 2nd stuck too: over the bound.
+        with pytest.raises(mlp.StuckThreadsError) as raised:
+            call_in_thread(model.step)
+        assert raised.value.bound == 1
+        assert len(raised.value.stuck) == 2
+        report = mlp.last_step_report(model)
+        assert report.stuck_threads == 2
+        assert len(report.timed_out) == 2
+        assert report.not_started == 1  # the step stopped starting agents
+        # While they are stuck, a step that needs the pool refuses to start more threads.
+        with pytest.raises(mlp.StuckThreadsError, match="max_workers=1"):
+            call_in_thread(model.step)
+        assert model.blocked == 2  # nothing more started
+    finally:
+        model.hold = False
+        model.release.set()
+    assert wait_until(lambda: model.blocked == 0)
+    assert wait_until(lambda: _stuck_threads() == 0)
+    call_in_thread(model.step)  # the calls returned: the model steps again
+    report = mlp.last_step_report(model)
+    assert (report.completed, report.stuck_threads) == (3, 0)
+
+
+def _stuck_threads() -> int:
+    from mesa_llm_parallel._pool import stuck_threads
+
+    return stuck_threads()
+
+
 # -- 7. loop-bound objects across mode switches --------------------------------------------
 SWITCHES = ["asyncio", "asyncio", "threading", "threading", "asyncio", "asyncio"]
 

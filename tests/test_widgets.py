@@ -8,12 +8,14 @@ set while two runs are in flight at once), never by wall-clock timing.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import html
 import re
 import threading
 import weakref
 
+import mesa
 import pytest
 import traitlets
 from models import AsyncAgent, SyncAgent, ToyModel
@@ -328,6 +330,32 @@ def test_steps_input_sets_how_many_steps_run_runs(make_panel, patched):
     panel.run_button.click()
     finish(panel)
     assert model.steps == 4
+
+
+REQUEST = contextvars.ContextVar("request", default="none")
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_a_background_run_carries_the_context_of_the_code_that_started_it(make_panel, mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode)
+    seen: list[str] = []
+
+    class Reader(mesa.Agent):
+        def step(self):
+            seen.append(REQUEST.get())
+
+    model = ToyModel(0)
+    Reader.create_agents(model, 4)
+    panel = make_panel(model)
+    token = REQUEST.set("cell-7")
+    try:
+        panel.run(2)  # from this "cell": its context reaches the run's agents
+    finally:
+        REQUEST.reset(token)
+    finish(panel)
+    panel.step()  # started where the variable is unset
+    finish(panel)
+    assert seen == ["cell-7"] * 8 + ["none"] * 4
 
 
 def test_step_button_runs_one_step(make_panel, patched):
