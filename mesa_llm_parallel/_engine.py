@@ -453,7 +453,13 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
             kind, name = decided
             if kind == _POOL:
                 if workers is None:
-                    check_stuck_threads(cfg.max_workers)
+                    try:
+                        check_stuck_threads(cfg.max_workers)
+                    except StuckThreadsError as stuck:  # no thread for it: nothing more starts
+                        step.fatal = stuck
+                        step.halt()
+                        pass_turn(position)
+                        return
                     workers = asyncio.Semaphore(cfg.max_workers)
                     lease = pool.lease(cfg.max_workers)
                     executor = lease.__enter__()
@@ -720,7 +726,11 @@ def run_step_threaded(step: Step) -> None:
         _run_threaded_runner(step, _Runner(), dispatch)
         return
 
-    check_stuck_threads(cfg.max_workers)
+    try:
+        check_stuck_threads(cfg.max_workers)
+    except StuckThreadsError as stuck:  # raised once the step is closed: no agent starts
+        step.fatal = stuck
+        return
     drive_home = step.model is not None and prepare_home(step.model, cfg.loop)
     k = min(step.n, cfg.max_concurrency or step.n, cfg.max_workers)
     with pool.lease(cfg.max_workers) as executor:
@@ -765,6 +775,9 @@ class _Waiting:
     timed out, the pool gives up its thread (which no longer counts as a worker and
     exits when the call returns) and a new runner takes over, so the step and later
     steps never wait for a stuck call.
+
+    The runners' completions are counted as they happen (in the workers' threads); the
+    waiting side is woken once, when none is left, or when the next deadline is due.
     """
 
     def __init__(
@@ -781,12 +794,42 @@ class _Waiting:
         self.start_runner = start_runner
         self.k = k
         self.timeout = step.cfg.timeout
-        self.pending: set[concurrent.futures.Future[None]] = set()
+        self._lock = threading.Lock()
+        self.pending: set[Any] = set()
+        self.all_done = threading.Event()
+        self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def _add_runner(self) -> None:
+        future = self.start_runner()
+        with self._lock:
+            self.pending.add(future)
+        future.add_done_callback(self._runner_done)
+
+    def _runner_done(self, future: concurrent.futures.Future[None]) -> None:
+        self._drop(future)
+
+    def _drop(self, future: object) -> None:
+        with self._lock:
+            self.pending.discard(future)
+            if self.pending:
+                return
+            self.all_done.set()
+            wake = self._wake
+        if wake is not None:
+            loop, waiter = wake
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_set_done, waiter)
 
     def _start(self) -> None:
         # Started by the waiting side itself: when it waits on a loop, only once that
         # loop runs (what the runners send there must not be queued before the wait).
-        self.pending = {self.start_runner() for _ in range(self.k)}
+        # The token keeps the count above zero until every runner has been added.
+        token = object()
+        with self._lock:
+            self.pending.add(token)
+        for _ in range(self.k):
+            self._add_runner()
+        self._drop(token)
 
     def _next_wait(self) -> float:
         wait_for = _SIGNAL_CHECK_INTERVAL
@@ -804,22 +847,20 @@ class _Waiting:
         return runner.started + self.timeout + grace  # type: ignore[operator]
 
     def _check(self) -> None:
-        """Drop finished runners; abandon overdue ones and start their replacements."""
-        self.pending = {future for future in self.pending if not future.done()}
+        """Abandon runners whose agent is overdue and start their replacements."""
         if self.timeout is None:
             return
         step = self.step
         now = time.perf_counter()
         overdue: list[tuple[concurrent.futures.Future[None], Any, int, float]] = []
         with step.lock:
-            for future, runner in self.running.items():
+            for future, runner in list(self.running.items()):
                 agent = runner.agent
                 if agent is not None and not runner.abandoned and now >= self._deadline(runner):
                     runner.abandoned = True
                     runner.agent = None
                     overdue.append((future, agent, runner.position, runner.started))
         for future, agent, position, started in overdue:
-            self.pending.discard(future)
             error = _timeout_error(agent, self.timeout, in_thread=True)
             try:
                 self.executor.abandon(future, repr(agent), step.cfg.max_workers)
@@ -828,17 +869,13 @@ class _Waiting:
                 step.halt()
             step.finish(position, agent, started, error, timed_out=True)
             if not step.stop:
-                self.pending.add(self.start_runner())
+                self._add_runner()  # before the drop: the step is never "all done" between
+            self._drop(future)
 
     def wait(self) -> None:
         """Wait here, in short slices (a Ctrl-C is noticed between them)."""
         self._start()
-        while self.pending:
-            concurrent.futures.wait(
-                self.pending,
-                timeout=self._next_wait(),
-                return_when=concurrent.futures.FIRST_COMPLETED,
-            )
+        while not self.all_done.wait(self._next_wait()):
             self._check()
 
     async def wait_async(self) -> None:
@@ -846,20 +883,19 @@ class _Waiting:
         loop = asyncio.get_running_loop()
         heartbeat = None
         if threading.current_thread() is threading.main_thread():
-            heartbeat = loop.create_task(_heartbeat())
-        wrapped: dict[concurrent.futures.Future[None], asyncio.Future[None]] = {}
+            heartbeat = loop.create_task(_heartbeat())  # keeps Ctrl-C prompt meanwhile
+        waiter = loop.create_future()
+        self._wake = (loop, waiter)
         try:
             self._start()
-            while self.pending:
-                for future in self.pending:
-                    if future not in wrapped:
-                        wrapped[future] = asyncio.wrap_future(future, loop=loop)
-                await asyncio.wait(
-                    [wrapped[future] for future in self.pending],
-                    timeout=self._next_wait(),
-                    return_when=asyncio.FIRST_COMPLETED,
-                )
-                self._check()
+            if self.all_done.is_set():
+                return
+            while not waiter.done():
+                if self.timeout is None:
+                    await waiter
+                else:
+                    await asyncio.wait([waiter], timeout=self._next_wait())
+                    self._check()
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
