@@ -35,7 +35,10 @@ Scenarios (each is one or more rows of the printed table, with its target):
    ``.cache/`` (made on first use; needs PyPI; never with ``--quick``), same server,
    same agents, interleaved with ours;
 10. ``client-pool`` (only with ``--only``): the same asyncio step with ``openai``'s
-    default connection pool against the pool the HTTP scenarios configure.
+    default connection pool against the pool the HTTP scenarios configure;
+11. ``hosts``: one asyncio step of 1,000 trivial agents from a kernel cell (nested), an
+    asyncio application (background loop thread), threading mode (async-only agents on
+    the home loop) and agents stepping sub-agents, each in a fresh interpreter.
 
 The machine is assumed shared and noisy: variants are interleaved within one run and
 figures are medians of repeats (minimum beside them). Compare ratios, not absolute
@@ -57,6 +60,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_common import Config, Row, environment
 from bench_flag_off import flag_off
+from bench_hosts import hosts
 from bench_http import client_pool, http_cap, http_matrix
 from bench_latency import asyncio_latency, sequential_baseline, threading_latency
 from bench_machinery import machinery
@@ -76,6 +80,7 @@ SCENARIOS: dict[str, Callable[[Config], list[Row]]] = {
     "ratelimit": rate_limit,
     "reference": reference,
     "client-pool": client_pool,
+    "hosts": hosts,
 }
 #: Scenarios run only when named with --only.
 OPT_IN = ("client-pool",)
