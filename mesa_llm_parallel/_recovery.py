@@ -30,10 +30,24 @@ def _in_event_list(model: Any, event: Any) -> bool:
     return any(queued is event for queued in model._event_list._events)
 
 
+def _generators(model: Any) -> list[Any]:
+    """The model's event generators, its default step schedule first.
+
+    Mesa 3.5.0 does not list the default schedule among ``_event_generators`` (a list
+    there, a set since 3.5.1).
+    """
+    found = []
+    default = getattr(model, "_default_schedule", None)
+    if default is not None:
+        found.append(default)
+    found += [g for g in list(model._event_generators) if g is not default]
+    return found
+
+
 def _running_generators(model: Any) -> list[tuple[Any, Any]]:
     """Generators whose current event is being executed right now (already popped)."""
     found = []
-    for generator in list(model._event_generators):
+    for generator in _generators(model):
         event = generator._current_event
         if (
             generator._active
@@ -89,4 +103,6 @@ def _reschedule(model: Any, generator: Any) -> None:
     else:
         generator._active = False
         generator._current_event = None
-        model._event_generators.discard(generator)
+        generators = model._event_generators
+        if generator in generators:
+            generators.remove(generator)

@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import threading
 
+import mesa
 import pytest
-from mesa.agentset import AgentSet, _HardKeyAgentSet
 from models import AsyncAgent, SyncAgent, ToyModel
 from support import run_python
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _patch
 
+# Where the classes live depends on the Mesa release; what a model uses does not.
+AgentSet = mesa.agent.AgentSet
+_HardKeyAgentSet = type(mesa.Model().agents)  # AgentSet itself before Mesa 3.5
 ORIGINALS = {cls: cls.__dict__["shuffle_do"] for cls in (AgentSet, _HardKeyAgentSet)}
 
 
@@ -19,8 +22,8 @@ def test_import_changes_nothing_in_mesa():
     # In a fresh interpreter: reloading the module here would leave the package root
     # exporting functions other than the module's, for every later test.
     code = (
-        "from mesa.agentset import AgentSet, _HardKeyAgentSet\n"
-        "classes = (AgentSet, _HardKeyAgentSet)\n"
+        "import mesa\n"
+        "classes = (mesa.agent.AgentSet, type(mesa.Model().agents))\n"
         "before = [c.__dict__['shuffle_do'] for c in classes]\n"
         "import mesa_llm_parallel, mesa_llm_parallel.parallel_stepping\n"
         "assert [c.__dict__['shuffle_do'] for c in classes] == before\n"
@@ -95,11 +98,37 @@ def test_enable_and_disable_from_many_threads_at_once():
 
 
 def test_enable_raises_when_mesa_offers_nothing_to_patch(monkeypatch):
-    monkeypatch.setattr(_patch, "patchable_classes", list)
-    with pytest.raises(RuntimeError, match="no agent-set class"):
+    monkeypatch.setattr(_patch, "patchable_classes", lambda name="shuffle_do": [])
+    with pytest.raises(RuntimeError, match=rf"Mesa {mesa.__version__}: no agent-set class"):
         mlp.enable_automatic_parallel_stepping(mode="threading")
     assert mlp.settings.mode == "asyncio"  # nothing half-applied
     assert not mlp.is_automatic_parallel_stepping_enabled()
+
+
+def test_enable_refuses_when_a_models_own_agent_sets_would_stay_sequential(monkeypatch):
+    # A Mesa whose model.agents class is not found (as on Mesa 3.5.0 for a lookup by
+    # module): enable must not succeed and silently step those sets sequentially.
+    monkeypatch.setattr(_patch, "patchable_classes", lambda name="shuffle_do": [AgentSet])
+    with pytest.raises(RuntimeError) as raised:
+        mlp.enable_automatic_parallel_stepping(mode="threading")
+    message = str(raised.value)
+    assert f"Mesa {mesa.__version__}" in message
+    assert "_HardKeyAgentSet" in message
+    assert "model.agents" in message
+    assert not mlp.is_automatic_parallel_stepping_enabled()  # nothing left patched
+    assert AgentSet.shuffle_do is ORIGINALS[AgentSet]
+    assert mlp.settings.mode == "asyncio"
+
+
+def test_agent_set_classes_are_found_wherever_mesa_keeps_them(monkeypatch):
+    # Mesa 3.5.0 has no mesa.agentset module: the classes are found from what a model
+    # uses (model.agents) and from mesa.agent.AgentSet, not from a module name.
+    from mesa_llm_parallel._agentsets import patchable_classes
+
+    monkeypatch.delattr(mesa, "agentset", raising=False)
+    monkeypatch.delattr(mesa, "AgentSet", raising=False)
+    assert set(patchable_classes("shuffle_do")) == {AgentSet, _HardKeyAgentSet}
+    assert set(patchable_classes("do")) == {AgentSet, _HardKeyAgentSet}
 
 
 def _sequential_run(model_factory, steps=3):
@@ -287,3 +316,73 @@ def test_an_unrecoverable_replacement_is_reported(monkeypatch):
         mlp.enable_automatic_parallel_stepping()
     mlp.disable_automatic_parallel_stepping()
     assert AgentSet.__dict__["shuffle_do"] is replacement
+
+
+# -- do: the unshuffled form ------------------------------------------------------------
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+@pytest.mark.parametrize("agent_cls", [AsyncAgent, SyncAgent])
+@pytest.mark.parametrize("which", ["agents", "agents_by_type", "select"])
+def test_do_steps_agents_in_parallel_in_the_sets_order(mode, agent_cls, which):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=8, max_concurrency=1)
+    model = ToyModel(8, agent_cls, delay=0.0)
+    agentset = {
+        "agents": lambda: model.agents,
+        "agents_by_type": lambda: model.agents_by_type[agent_cls],
+        "select": lambda: model.agents.select(),
+    }[which]()
+    state = model.random.getstate()
+    assert agentset.do("step", 1, key="v") is agentset
+    assert model.random.getstate() == state  # no shuffle: no random number drawn
+    # One at a time (cap 1), so the start order is observable: the set's own order.
+    assert model.tracker.starts == [agent.unique_id for agent in agentset]
+    assert all(agent.calls == [((1,), {"key": "v"})] for agent in agentset)
+    report = mlp.last_step_report(model)
+    assert (report.mode, report.completed, report.agents) == (mode, 8, 8)
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_do_overlaps_agents_and_steps_async_only_agents(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=8)
+    model = ToyModel(8, AsyncAgent, delay=0.02)
+    model.agents.do("step")  # Mesa's own do would call the no-op step: nothing at all
+    assert len(model.tracker.starts) == 8
+    assert model.tracker.peak > 1
+
+
+def test_do_with_the_flag_off_is_mesas_own():
+    mlp.enable_automatic_parallel_stepping()
+    model = ToyModel(5, SyncAgent, parallel=False)
+    model.agents.do("step")
+    assert model.tracker.peak == 1
+    assert mlp.last_step_report(model) is None
+    assert len(model.tracker.starts) == 5
+
+
+def test_map_stays_mesas_own():
+    mlp.enable_automatic_parallel_stepping()
+    model = ToyModel(5, SyncAgent)
+    assert model.agents.map(lambda agent: agent.unique_id) == [a.unique_id for a in model.agents]
+    assert mlp.last_step_report(model) is None
+
+
+def test_a_user_subclass_that_overrides_do_and_shuffle_do_keeps_its_own():
+    mlp.enable_automatic_parallel_stepping()
+    calls = []
+
+    class Logged(AgentSet):
+        def do(self, method, *args, **kwargs):
+            calls.append("do")
+            return self
+
+        def shuffle_do(self, method, *args, **kwargs):
+            calls.append("shuffle_do")
+            return self
+
+    model = ToyModel(4, SyncAgent)
+    logged = Logged(list(model.agents), random=model.random)
+    logged.do("step")
+    logged.shuffle_do("step")
+    assert calls == ["do", "shuffle_do"]
+    assert model.tracker.starts == []
+    assert "do" in vars(AgentSet)
+    assert getattr(AgentSet.do, "__wrapped__", None) is not None  # Mesa's class: patched
