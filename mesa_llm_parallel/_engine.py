@@ -757,6 +757,8 @@ def run_step_threaded(step: Step) -> None:
             if any(not future.done() for future in running):
                 pool.replace()  # agents still running keep their workers; do not wait on them
             raise
+        finally:
+            waiting.release()
     for future, runner in running.items():
         if future.done() and not runner.abandoned:
             future.result()  # only a BaseException escaping a runner can land here
@@ -798,6 +800,13 @@ class _Waiting:
         self.pending: set[Any] = set()
         self.all_done = threading.Event()
         self._wake: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+
+    def release(self) -> None:
+        """Let go of the step (a runner's future keeps this object a little longer)."""
+        self.step = None  # type: ignore[assignment]
+        self.running = {}
+        self.executor = None  # type: ignore[assignment]
+        self.start_runner = None  # type: ignore[assignment]
 
     def _add_runner(self) -> None:
         future = self.start_runner()

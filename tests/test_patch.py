@@ -328,7 +328,7 @@ def test_do_steps_agents_in_parallel_in_the_sets_order(mode, agent_cls, which):
     agentset = {
         "agents": lambda: model.agents,
         "agents_by_type": lambda: model.agents_by_type[agent_cls],
-        "select": lambda: model.agents.select(),
+        "select": model.agents.select,
     }[which]()
     state = model.random.getstate()
     assert agentset.do("step", 1, key="v") is agentset
