@@ -6,9 +6,36 @@ import json
 import os
 import sys
 
+import mesa
 import pytest
 
 import mesa_llm_parallel as mlp
+
+
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers",
+        "mesa_min(version, why): needs at least this Mesa release; on an older one the "
+        "test is skipped with that reason (the version matrix lists every such skip)",
+    )
+
+
+def pytest_collection_modifyitems(config, items):
+    from packaging.version import Version
+
+    installed = Version(mesa.__version__)
+    for item in items:
+        marker = item.get_closest_marker("mesa_min")
+        if marker is None:
+            continue
+        needed = marker.args[0]
+        if installed < Version(needed):
+            why = marker.kwargs.get("why") or (marker.args[1] if len(marker.args) > 1 else "")
+            item.add_marker(
+                pytest.mark.skip(
+                    reason=f"needs Mesa >= {needed}: {why} (installed {mesa.__version__})"
+                )
+            )
 
 
 @pytest.fixture(autouse=True)

@@ -16,3 +16,26 @@ def run_python(code: str) -> subprocess.CompletedProcess[str]:
         timeout=120,
         check=False,
     )
+
+
+def create_agents(agent_class, model, n: int) -> list:
+    """``n`` agents of ``agent_class`` in ``model`` (``Agent.create_agents`` is Mesa >= 3.1)."""
+    return [agent_class(model) for _ in range(n)]
+
+
+def steps_of(model) -> float:
+    """How many steps ``model`` has taken: ``model.steps``, or ``model.time`` on Mesa 4."""
+    steps = getattr(model, "steps", None)
+    return model.time if steps is None else steps
+
+
+def agent_set_classes() -> tuple[type, type]:
+    """(the class of ``select()`` sets, the class of ``model.agents``) on this Mesa.
+
+    Found from what a model uses, as their modules differ between releases; the two are
+    the same class (``AgentSet``) before Mesa 3.5.
+    """
+    import mesa
+
+    model = mesa.Model()
+    return type(model.agents.select()), type(model.agents)

@@ -17,6 +17,7 @@ import weakref
 
 import mesa
 import pytest
+from support import create_agents, steps_of
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _loops
@@ -66,7 +67,7 @@ class Calls(mesa.Model):
         self.where: set[tuple[int, int]] = set()
         self.in_flight = 0
         self.peak = 0
-        Caller.create_agents(self, n)
+        create_agents(Caller, self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -149,7 +150,7 @@ def test_steps_from_several_threads_all_run_on_the_first_steps_loop():
     assert step_and_path(model) == "thread_loop"
     assert model.loops() == {id(home)}
     assert mlp.last_step_report(model).failures == ()
-    assert model.steps == 4
+    assert steps_of(model) == 4
 
 
 def test_a_home_loop_outlives_its_thread_while_the_model_lives_then_closes():
@@ -216,7 +217,7 @@ def test_two_models_sharing_a_home_step_at_once_from_two_threads():
     for thread in threads:
         thread.join(WAIT)
     for model in (first, second):
-        assert model.steps == 2
+        assert steps_of(model) == 2
         assert model.loops() == {id(home)}
         assert mlp.last_step_report(model).failures == ()
 
@@ -269,9 +270,9 @@ def test_an_interrupt_while_waiting_for_the_home_loop_cancels_the_step(loop_thre
     assert report.started == len(model.agents)
 
     model.delay = 0.01
-    steps = model.steps
+    steps = steps_of(model)
     model.step()
-    assert model.steps == steps + 1
+    assert steps_of(model) == steps + 1
     assert mlp.last_step_report(model).completed == len(model.agents)
 
 
@@ -297,7 +298,7 @@ def test_waiting_in_a_cell_keeps_the_home_loop_running_for_a_background_run(as_i
 
     assert asyncio.run(cell()) is True
     assert failures == []
-    assert model.steps == 4
+    assert steps_of(model) == 4
     assert model.threads() == {threading.get_ident()}
 
 
@@ -331,7 +332,7 @@ def test_a_task_left_pending_on_the_home_loop_does_not_keep_the_model_alive():
             asyncio.get_running_loop().create_task(asyncio.sleep(3600))
 
     model = Calls(n=0)
-    Lingering.create_agents(model, 3)
+    create_agents(Lingering, model, 3)
     in_thread(model.step)  # home: that thread's loop, which outlives the thread
     home = weakref.ref(mlp.home_loop(model))  # the loop refers to the model through its tasks
     alive = weakref.ref(model)
@@ -362,7 +363,7 @@ class QuietModel(mesa.Model):
     def __init__(self) -> None:
         super().__init__(rng=5)
         self.parallel_stepping = True
-        Quiet.create_agents(self, 3)
+        create_agents(Quiet, self, 3)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -379,7 +380,7 @@ def test_a_copied_or_pickled_model_has_no_home_until_its_first_step():
         assert mlp.home_loop(twin) is None
         in_thread(twin.step)
         assert mlp.home_loop(twin) not in (None, mlp.home_loop(model))
-        assert twin.steps == 2
+        assert steps_of(twin) == 2
 
 
 def test_closing_the_loops_while_a_step_waits_for_its_home_never_strands_it():
@@ -438,7 +439,7 @@ def test_another_callers_system_exit_does_not_strand_a_joined_step():
             raise SystemExit(3)
 
     quitter, waiter = Calls(n=0), Calls(n=4, delay=0.01)
-    Exiting.create_agents(quitter, 1)
+    create_agents(Exiting, quitter, 1)
     waiter.step()  # waiter's home: this thread's loop
     state_of(quitter).home = state_of(waiter).home  # shared
     waiter.delay = 0.6

@@ -5,10 +5,12 @@ from __future__ import annotations
 import threading
 
 import pytest
-from mesa.agentset import _HardKeyAgentSet
+from support import agent_set_classes
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import DEFAULT_MAX_WORKERS, UnknownSettingError, settings
+
+AgentSet, _HardKeyAgentSet = agent_set_classes()
 
 ORIGINAL = _HardKeyAgentSet.__dict__["shuffle_do"]
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import mesa
 import pytest
-from support import run_python
+from support import create_agents, run_python, steps_of
 
 import mesa_llm_parallel as mlp
 
@@ -110,7 +110,8 @@ class Counters(mesa.Model):
     def __init__(self, agent_cls, n=6):
         super().__init__(rng=1)
         self.parallel_stepping = True
-        agent_cls.create_agents(self, n)
+        for _ in range(n):
+            agent_cls(self)
 
     def step(self):
         self.agents.shuffle_do("step")
@@ -252,7 +253,7 @@ class Tallies(mesa.Model):
         super().__init__(rng=7)
         self.parallel_stepping = True
         self.fail_next = False
-        TALLIES[kind].create_agents(self, n)
+        create_agents(TALLIES[kind], self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -273,7 +274,7 @@ def failed_once(mode: str, kind: str) -> Tallies:
     model.fail_next = True
     with pytest.raises(ValueError, match="agent 1 failed"):
         model.step()
-    assert model.time == 1.0
+    assert steps_of(model) == 1.0
     return model
 
 
@@ -295,7 +296,7 @@ def test_a_model_whose_failure_was_caught_can_be_pickled(mode, kind):
     model = failed_once(mode, kind)
     twin = unpickled(model)
     assert tallies(twin) == tallies(model)
-    assert twin.time == model.time
+    assert steps_of(twin) == steps_of(model)
 
 
 @pytest.mark.parametrize("twin_of", [copy.deepcopy, unpickled], ids=["deepcopy", "pickle"])
@@ -303,21 +304,21 @@ def test_a_model_whose_failure_was_caught_can_be_pickled(mode, kind):
 @pytest.mark.parametrize("mode", MODES)
 def test_a_copy_made_after_a_caught_failure_steps_itself_not_the_original(mode, kind, twin_of):
     model = failed_once(mode, kind)
-    original = (model.time, tallies(model))
+    original = (steps_of(model), tallies(model))
     twin = twin_of(model)
     before = tallies(twin)
 
     twin.step()  # re-armed: Mesa would skip it otherwise; runs the twin's own agents
-    assert (twin.time, tallies(twin)) == (2.0, plus_one(before))
-    assert (model.time, tallies(model)) == original  # the original did not move
+    assert (steps_of(twin), tallies(twin)) == (2.0, plus_one(before))
+    assert (steps_of(model), tallies(model)) == original  # the original did not move
     assert mlp.last_step_report(twin).completed == 4
     twin.step()
-    assert (twin.time, tallies(twin)) == (3.0, plus_one(plus_one(before)))
-    assert (model.time, tallies(model)) == original
+    assert (steps_of(twin), tallies(twin)) == (3.0, plus_one(plus_one(before)))
+    assert (steps_of(model), tallies(model)) == original
 
     model.step()  # and the original goes on by itself, untouched by its twin
-    assert (model.time, tallies(model)) == (2.0, plus_one(original[1]))
-    assert twin.time == 3.0
+    assert (steps_of(model), tallies(model)) == (2.0, plus_one(original[1]))
+    assert steps_of(twin) == 3.0
 
 
 @pytest.mark.parametrize("twin_of", [copy.deepcopy, unpickled], ids=["deepcopy", "pickle"])
@@ -350,9 +351,9 @@ def test_a_shallow_copy_works_and_shares_no_home(mode, after):
     model = stepped_once(mode, "async") if after == "success" else failed_once(mode, "async")
     shallow = copy.copy(model)
     assert mlp.home_loop(shallow) is None  # documented: a copy has no home until it steps
-    before = (model.time, tallies(model))
+    before = (steps_of(model), tallies(model))
     model.step()  # the original keeps stepping its own agents
-    assert (model.time, tallies(model)) == (before[0] + 1, plus_one(before[1]))
+    assert (steps_of(model), tallies(model)) == (before[0] + 1, plus_one(before[1]))
 
 
 # -- 3. contextvars ----------------------------------------------------------------------
@@ -382,7 +383,7 @@ class Seers(mesa.Model):
         self.parallel_stepping = True
         self.lock = threading.Lock()
         self.seen: list[str] = []
-        {"sync": SyncSeer, "async": AsyncSeer}[kind].create_agents(self, n)
+        create_agents({"sync": SyncSeer, "async": AsyncSeer}[kind], self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -544,7 +545,7 @@ class Starters(mesa.Model):
         self.lock = threading.Lock()
         self.starts: list[float] = []
         self.failed_at: float | None = None
-        agent_cls.create_agents(self, n)
+        create_agents(agent_cls, self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -601,7 +602,8 @@ class Stamps(mesa.Model):
         self.parallel_stepping = True
         self.lock = threading.Lock()
         self.starts = []
-        {"sync": Stamped, "async": AsyncStamped}[KIND].create_agents(self, n)
+        for _ in range(n):
+            {"sync": Stamped, "async": AsyncStamped}[KIND](self)
 
     def step(self):
         self.agents.shuffle_do("step")
@@ -691,7 +693,7 @@ class Blockers(mesa.Model):
         self.hold = True
         self.stuck: Blocker | None = None
         self.blocking = False  # the stuck agent's call is blocked right now
-        Blocker.create_agents(self, n)
+        create_agents(Blocker, self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -798,7 +800,7 @@ class AllBlockers(mesa.Model):
         self.hold = True
         self.blocked = 0
         self.stepped = 0
-        AllBlock.create_agents(self, n)
+        create_agents(AllBlock, self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -877,7 +879,7 @@ class LockUsers(mesa.Model):
         self.guard = threading.Lock()
         self.loops: set[asyncio.AbstractEventLoop] = set()
         self.alock: asyncio.Lock | None = None
-        LockUser.create_agents(self, n)
+        create_agents(LockUser, self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -910,7 +912,7 @@ class AsyncAsker(mesa.Agent):
         self.answers: list[str] = []
 
     async def astep(self) -> None:
-        prompt = f"Agent {self.unique_id}, step {self.model.steps}: should I cooperate?"
+        prompt = f"Agent {self.unique_id}, step {steps_of(self.model)}: should I cooperate?"
         self.answers.append(await self.model.llm.acomplete(prompt))
 
 
@@ -924,7 +926,7 @@ def test_one_async_openai_client_serves_every_step_across_mode_switches():
             super().__init__(rng=9)
             self.parallel_stepping = True
             self.llm = OpenAIChat(base_url)  # its async client belongs to one loop
-            AsyncAsker.create_agents(self, 12)
+            create_agents(AsyncAsker, self, 12)
 
         def step(self) -> None:
             self.agents.shuffle_do("step")

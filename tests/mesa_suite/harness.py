@@ -144,7 +144,11 @@ EXCLUSIONS = (
 #: Passed tests expected from the whole suite when nothing optional is left out
 #: (579 pass with Mesa 3.5.1, plus 12 skipped for pyarrow); lowered per exclusion.
 WHOLE_SUITE_MIN_PASSED = 560
-AGENTSET_MIN_PASSED = 40
+#: A floor that catches a run that silently collected almost nothing. Mesa's own
+#: agent-set tests (test_agentset.py, test_agent.py, test_model.py; the first from
+#: Mesa 3.5 on) number from about 40 (3.0-3.4, 4.0.0a0: 38 with this plugin) to 44
+#: (3.5.1); the exact count is in each run's log.
+AGENTSET_MIN_PASSED = 30
 
 
 class SuiteUnavailableError(RuntimeError):
@@ -261,8 +265,9 @@ def _unpack_tests(sdist: Path, dest: Path) -> None:
             if len(parts) >= 2 and parts[1] == "tests":  # <name>-<version>/tests/...
                 member.name = str(Path(*parts[1:]))
                 members.append(member)
-        if not any(Path(m.name).name == "test_agentset.py" for m in members):
-            raise SuiteUnavailableError(f"{sdist.name} has no tests/test_agentset.py")
+        # Mesa 3.0-3.4 keep their agent-set tests in test_agent.py (no test_agentset.py).
+        if not any(Path(m.name).name == "test_agent.py" for m in members):
+            raise SuiteUnavailableError(f"{sdist.name} has no tests/test_agent.py")
         archive.extractall(dest, members=members, filter="data")
 
 
@@ -353,6 +358,11 @@ def run_suite(
         SuiteUnavailableError: The suite could not be obtained.
     """
     suite = suite or fetch_suite()
+    requested = tuple(selection)
+    # Only the files this release has (test_agentset.py is Mesa >= 3.5's).
+    selection = [
+        item for item in selection if (suite / item.split("::")[0]).exists() or "/" not in item
+    ] or list(selection)
     excluded = active_exclusions()
     report = Path(tempfile.mkstemp(prefix="mesa-suite-", suffix=".json")[1])
     report.unlink()
@@ -392,7 +402,7 @@ def run_suite(
     except subprocess.TimeoutExpired as exc:
         returncode = -1
         output = f"{exc.stdout or ''}{exc.stderr or ''}\nno result within {RUN_TIMEOUT_S} s"
-    label = {AGENTSET_TESTS: "agentset", WHOLE_SUITE: "whole"}.get(tuple(selection), "custom")
+    label = {AGENTSET_TESTS: "agentset", WHOLE_SUITE: "whole"}.get(requested, "custom")
     flag = f"-force-on-{mode or 'asyncio'}" if force_on else ""
     log = suite.parent / f"last-run-{label}{flag}.log"
     log.write_text(f"$ {' '.join(command)}\n{output}", encoding="utf-8")
