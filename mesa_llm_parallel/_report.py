@@ -119,6 +119,19 @@ class StepReport:
         return ", ".join(parts)
 
 
+def step_number(model: Any) -> int | None:
+    """How many steps ``model`` has taken: Mesa 3's ``model.steps``, or Mesa 4's ``time``.
+
+    Mesa 4 removed ``model.steps``; its ``model.time`` advances by one per step of the
+    default schedule. None for a model with neither.
+    """
+    steps = getattr(model, "steps", None)
+    if isinstance(steps, int):
+        return steps
+    time = getattr(model, "time", None)
+    return int(time) if isinstance(time, int | float) else None
+
+
 def last_step_report(model: Any) -> StepReport | None:
     """The report of ``model``'s most recent parallel step, or None before any."""
     state = state_of(model, create=False)

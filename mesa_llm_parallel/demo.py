@@ -67,7 +67,9 @@ class OpinionAgent(mesa.Agent):
         self.asked = 0
 
     def _prompt(self) -> str:
-        return f"agent {self.unique_id} with opinion {self.opinion:.3f}, step {self.model.steps}"
+        return (
+            f"agent {self.unique_id} with opinion {self.opinion:.3f}, step {self.model.step_count}"
+        )
 
     def _apply(self, answer: str) -> None:
         self.asked += 1
@@ -130,10 +132,13 @@ class OpinionModel(mesa.Model):
         self.latencies: dict[int, float] = {}
         self.slowest = 0.0
         self.consensus = 0.5
-        OpinionAgent.create_agents(self, n)
+        self.step_count = 0  # our own: Mesa 4 has no model.steps
+        for _ in range(n):
+            OpinionAgent(self)
 
     def step(self) -> None:
         """Draw this step's latencies, then step the agents (in parallel when enabled)."""
+        self.step_count += 1
         # Gamma-distributed latencies with the requested mean: most calls near it, a few slow.
         draws = self.rng.gamma(4.0, self.mean_latency / 4.0, size=len(self.agents))
         ids = sorted(a.unique_id for a in self.agents)

@@ -191,7 +191,7 @@ class ChatAgent(mesa.Agent):
 
     def prompt(self) -> str:
         """This step's question: a function of the agent's id and the step number."""
-        return f"Agent {self.unique_id}, step {self.model.steps}: should I cooperate?"
+        return f"Agent {self.unique_id}, step {self.model.step_count}: should I cooperate?"
 
     async def astep(self) -> None:
         """Ask through the async client: asyncio mode awaits many of these at once."""
@@ -232,10 +232,13 @@ class ChatModel(mesa.Model):
         super().__init__(rng=seed)
         self.parallel_stepping = parallel
         self.llm = OpenAIChat(base_url, **client_options)
-        ChatAgent.create_agents(self, n)
+        self.step_count = 0  # our own: Mesa 4 has no model.steps
+        for _ in range(n):
+            ChatAgent(self)
 
     def step(self) -> None:
         """Step every agent (in parallel when enabled)."""
+        self.step_count += 1
         self.agents.shuffle_do("step")
 
     def answers(self) -> dict[int, list[str]]:

@@ -44,7 +44,12 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         'pip install "mesa_llm_parallel[solara]"'
     ) from exc
 
-from mesa_llm_parallel._report import StepReport, add_step_callback, last_step_report
+from mesa_llm_parallel._report import (
+    StepReport,
+    add_step_callback,
+    last_step_report,
+    step_number,
+)
 from mesa_llm_parallel._settings import MODES, SettingsSnapshot, settings
 from mesa_llm_parallel.parallel_stepping import (
     enable_automatic_parallel_stepping,
@@ -155,7 +160,7 @@ def _record_step(model: Any, report: StepReport) -> None:
             return
     if state is not None:
         point = _StepPoint(
-            int(getattr(model, "steps", 0)), report.wall_time, report.mode, len(report.failures)
+            step_number(model) or 0, report.wall_time, report.mode, len(report.failures)
         )
         state.history.append(point)
 
@@ -321,7 +326,7 @@ def ParallelSteppingControls(  # noqa: N802
     # Everything shown is read here and passed down as plain values, so the children
     # re-render exactly when something they show has changed.
     snap = settings.snapshot()
-    steps = getattr(model, "steps", None)
+    steps = step_number(model)
     props: dict[str, Any] = {
         "title": title,
         "flag": bool(getattr(model, "parallel_stepping", snap.parallel_by_default)),
@@ -333,7 +338,7 @@ def ParallelSteppingControls(  # noqa: N802
         "on_workers": lambda n: set_setting("max_workers", n),
         "on_cap": set_cap,
         "report": last_step_report(model),
-        "steps": steps if isinstance(steps, int) else None,
+        "steps": steps,
         "history": tuple(state.history),
     }
     if sidebar:

@@ -46,6 +46,7 @@ from mesa_llm_parallel._report import (
     add_step_callback,
     last_step_report,
     remove_step_callback,
+    step_number,
 )
 from mesa_llm_parallel._settings import MODES, settings
 
@@ -630,7 +631,7 @@ class ParallelSteppingPanel(widgets.VBox):
         report = last_step_report(model)
         history = tuple(self._history)
         self.figures_html.value = _figures_html(
-            report, history[-1] if history else None, getattr(model, "steps", None)
+            report, history[-1] if history else None, step_number(model)
         )
         self.chart_html.value = _sparkline_svg(history)
 

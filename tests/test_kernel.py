@@ -86,7 +86,7 @@ class Calls(mesa.Model):
 def show(model):
     report = mlp.last_step_report(model)
     print("STATE " + json.dumps({
-        "steps": model.steps,
+        "steps": model.steps if hasattr(model, "steps") else model.time,  # Mesa 4: time
         "time": model.time,
         "runs": sorted(a.runs for a in model.agents),
         "ended": sum(a.ended for a in model.agents),
@@ -372,7 +372,7 @@ def test_one_async_openai_client_serves_cells_and_a_panel_run(kernel):
         "    s, r = server.stats(), mlp.last_step_report(m)\n"
         "    print('SEEN ' + json.dumps({'completed': s.completed, 'errors': s.errors,\n"
         "        'connections': s.connections, 'peak': s.peak_concurrency,\n"
-        "        'failures': [repr(f.exception) for f in r.failures], 'steps': m.steps,\n"
+        "        'failures': [repr(f.exception) for f in r.failures], 'steps': m.step_count,\n"
         "        'same_client': m.llm.async_client is client}))"
     )
     for _ in range(2):  # each cell steps on the kernel's running loop

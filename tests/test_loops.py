@@ -153,6 +153,7 @@ def test_steps_from_several_threads_all_run_on_the_first_steps_loop():
     assert steps_of(model) == 4
 
 
+@pytest.mark.mesa_min("3.4", why="Mesa before 3.4 keeps every model alive")
 def test_a_home_loop_outlives_its_thread_while_the_model_lives_then_closes():
     model = Calls()
     assert in_thread(step_and_path, model) == "thread_loop"  # that thread then ends
@@ -324,6 +325,7 @@ def test_a_step_needing_a_helper_thread_reports_home_loop_even_for_its_own_loop(
     assert len(model.threads()) == 2
 
 
+@pytest.mark.mesa_min("3.4", why="Mesa before 3.4 keeps every model alive")
 def test_a_task_left_pending_on_the_home_loop_does_not_keep_the_model_alive():
     class Lingering(Caller):
         async def astep(self) -> None:
@@ -342,6 +344,7 @@ def test_a_task_left_pending_on_the_home_loop_does_not_keep_the_model_alive():
     assert home() is None or home().is_closed()
 
 
+@pytest.mark.mesa_min("3.4", why="Mesa before 3.4 needs models to be hashable")
 def test_a_model_that_cannot_be_hashed_steps_and_has_a_home():
     class Unhashable(Calls):
         __hash__ = None  # as a dataclass(eq=True) model is

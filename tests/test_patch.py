@@ -214,7 +214,7 @@ def test_callable_named_like_a_parallel_method_runs_in_parallel_and_lambda_does_
 def _import_foreign_patch(tmp_path, monkeypatch, name="foreign_patch"):
     """A module that patches AgentSet.shuffle_do on import, as mesa_llm 0.3 does."""
     (tmp_path / f"{name}.py").write_text(
-        "from mesa.agentset import AgentSet\n"
+        "from mesa.agent import AgentSet\n"
         "_original_shuffle_do = AgentSet.shuffle_do\n"
         "calls = []\n"
         "def _enhanced_shuffle_do(self, method, *args, **kwargs):\n"

@@ -313,6 +313,7 @@ def test_async_primitives_created_in_one_step_work_in_the_next():
 
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("agent_cls", [AsyncAgent, SyncAgent])
+@pytest.mark.mesa_min("3.4", why="Mesa before 3.4 keeps every model alive")
 def test_models_are_freed_after_del(mode, agent_cls):
     # Repeated: a pool worker that still held its last job would keep a model alive
     # for a moment after the step, which a single try can miss.

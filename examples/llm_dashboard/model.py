@@ -85,7 +85,7 @@ class Neighbour(CellAgent):
         prompt = (
             f"You are agent {self.unique_id} at {self.cell.coordinate} with opinion "
             f"{self.opinion:.2f}; your neighbours average {mean:.2f} "
-            f"(step {self.model.steps}). Do you agree with them?"
+            f"(step {self.model.step_count}). Do you agree with them?"
         )
         return prompt, mean
 
@@ -136,6 +136,7 @@ class NeighbourhoodModel(mesa.Model):
         self.llm = SimulatedLanguageModel()
         self.calls: dict[int, tuple[float, bool]] = {}
         self.step_ms = 0.0
+        self.step_count = 0  # our own: Mesa 4 has no model.steps
         self.grid = OrthogonalMooreGrid((width, width), torus=False, random=self.random)
         for cell in self.grid.all_cells:
             Neighbour(self, cell)
@@ -150,6 +151,7 @@ class NeighbourhoodModel(mesa.Model):
 
     def step(self) -> None:
         """Draw this step's latencies and failures, then step every agent."""
+        self.step_count += 1
         ids = sorted(a.unique_id for a in self.agents)
         # All random draws happen here, on the stepping thread, in id order: agents
         # running concurrently never touch the generator.

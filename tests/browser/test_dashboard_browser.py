@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 from playwright.sync_api import Page, expect
+from support import steps_of
 
 import mesa_llm_parallel as mlp
 
@@ -85,11 +86,11 @@ def pause(page: Page, model, log: StepLog) -> None:
     """Press pause and wait until the play thread has finished its last step.
 
     Every step of the model so far is parallel, so the play thread is done when every
-    started step (``model.steps``) has reported its end to the step log.
+    started step (``steps_of(model)``) has reported its end to the step log.
     """
     page.get_by_role("button", name="❚❚").click()
     expect(page.get_by_role("button", name="▶")).to_be_enabled()
-    wait_until(lambda: len(log.steps) == model.steps, "the play thread's last step")
+    wait_until(lambda: len(log.steps) == steps_of(model), "the play thread's last step")
     time.sleep(0.2)  # the rest of model.step() after the agents (data collection)
 
 
@@ -136,7 +137,7 @@ def test_panel_drives_the_live_model_and_survives_reset(
 
     # Play on the worker thread: the report in the page follows the steps.
     page.get_by_role("button", name="▶").click()
-    wait_until(lambda: model.steps >= 3, "three played steps")
+    wait_until(lambda: steps_of(model) >= 3, "three played steps")
     pause(page, model, step_log)
     report = panel.locator(".mlp-step-report")
     expect(report.locator(".mlp-report-config")).to_have_text("threading, pool 8, cap 25")
@@ -150,10 +151,10 @@ def test_panel_drives_the_live_model_and_survives_reset(
     # The Step button runs a step inside the server's event loop (asyncio mode here).
     panel.locator(".mlp-mode").get_by_role("button", name="asyncio").click()
     wait_until(lambda: mlp.settings.mode == "asyncio", "mode asyncio")
-    steps = model.steps
+    steps = steps_of(model)
     page.get_by_role("button", name="Step", exact=True).click()
     wait_until(lambda: len(step_log.steps) == steps + 1, "one more step")
-    assert model.steps == steps + 1
+    assert steps_of(model) == steps + 1
     expect(report.locator(".mlp-report-config")).to_have_text("asyncio, pool 8, cap 25")
     expect(report.locator(".mlp-report-time")).to_contain_text(f"(step {steps + 1})")
     assert step_log.steps[-1] == ("asyncio", True)  # inside the server's running loop
@@ -213,20 +214,20 @@ def test_play_step_play_in_asyncio_mode_all_run_on_the_models_home_loop(
     assert mlp.settings.mode == "asyncio"  # the example model's choice
 
     page.get_by_role("button", name="▶").click()
-    wait_until(lambda: model.steps >= 2, "two played steps")
+    wait_until(lambda: steps_of(model) >= 2, "two played steps")
     pause(page, model, step_log)
-    steps = model.steps
+    steps = steps_of(model)
     page.get_by_role("button", name="Step", exact=True).click()
     wait_until(lambda: len(step_log.steps) == steps + 1, "the Step button's step")
     page.get_by_role("button", name="▶").click()
-    wait_until(lambda: model.steps >= steps + 3, "two more played steps")
+    wait_until(lambda: steps_of(model) >= steps + 3, "two more played steps")
     pause(page, model, step_log)
 
     home = mlp.home_loop(model)
     assert home is not None
     assert not home.is_closed()
     paths = [path for path, _ in step_log.homes]
-    assert len(paths) == model.steps
+    assert len(paths) == steps_of(model)
     assert {loop for _, loop in step_log.homes} == {home}  # one loop for every step
     assert paths[0] == "thread_loop"  # the first Play thread's loop became the home
     assert paths[steps] == "home_loop"  # Step, inside the server's loop, ran it there

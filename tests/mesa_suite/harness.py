@@ -139,6 +139,15 @@ EXCLUSIONS = (
         )
         for name in EXAMPLE_APP_TESTS
     ),
+    # Mesa 4's data recorder writes Parquet through pandas, which needs pyarrow (Mesa
+    # 3.5.1's tests skip themselves without it). The id does not exist before Mesa 4.
+    Exclusion(
+        "--mesa-suite-deselect",
+        "tests/experimental/test_datarecorder.py::test_run_ended[ParquetDataRecorder]",
+        "writes Parquet files, which needs pyarrow",
+        ("pyarrow",),
+        tests=0,
+    ),
 )
 
 #: Passed tests expected from the whole suite when nothing optional is left out
@@ -146,9 +155,9 @@ EXCLUSIONS = (
 WHOLE_SUITE_MIN_PASSED = 560
 #: A floor that catches a run that silently collected almost nothing. Mesa's own
 #: agent-set tests (test_agentset.py, test_agent.py, test_model.py; the first from
-#: Mesa 3.5 on) number from about 40 (3.0-3.4, 4.0.0a0: 38 with this plugin) to 44
-#: (3.5.1); the exact count is in each run's log.
-AGENTSET_MIN_PASSED = 30
+#: Mesa 3.5 on) number 29 (3.2.0) to 44 (3.5.1), 38 on 4.0.0a0; the exact count is in
+#: each run's log.
+AGENTSET_MIN_PASSED = 20
 
 
 class SuiteUnavailableError(RuntimeError):

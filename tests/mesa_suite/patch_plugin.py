@@ -129,10 +129,15 @@ def _agent_set_classes() -> list[type]:
 
     Found independently of the library, so a class the library forgets shows up here.
     """
-    try:
-        from mesa.agentset import AbstractAgentSet as root  # noqa: N813
-    except ImportError:  # Mesa < 3.5: a single AgentSet class
-        from mesa.agent import AgentSet as root  # noqa: N813
+    import mesa
+
+    # The topmost Mesa class with shuffle_do above the class of a model's own set:
+    # AbstractAgentSet since 3.5 (in mesa.agent on 3.5.0), AgentSet before.
+    root = next(
+        klass
+        for klass in reversed(type(mesa.Model().agents).__mro__)
+        if klass.__module__.startswith("mesa") and "shuffle_do" in vars(klass)
+    )
     seen = [root]
     for klass in seen:
         seen.extend(sub for sub in klass.__subclasses__() if sub not in seen)
