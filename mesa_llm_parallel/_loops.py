@@ -8,12 +8,15 @@ coroutines. Three situations need three answers:
   for every later step, so async clients and asyncio primitives that agents create in
   one step still work in the next. ``asyncio.run`` is never used: it would create and
   close a loop each time.
-* A loop is running in the calling thread (a Jupyter cell, a Solara button handler):
-  that loop is reused through ``nest_asyncio2``, which is applied lazily, once, only
-  when this situation first occurs, and logged.
-* The running loop cannot be patched (uvloop), or the ``loop`` setting is
-  ``"background"``: the coroutine runs on a library-owned loop in a daemon thread, and
-  the caller blocks until it is done.
+* A Jupyter kernel's loop, or one of the library's own loops, is running in the calling
+  thread (a cell; an agent that steps sub-agents with the blocking ``shuffle_do``): that
+  loop is reused through ``nest_asyncio2``, which is applied lazily, once, only when
+  this situation first occurs, and logged (see :func:`_run_nested` for the first
+  nesting on a loop that was already running).
+* Any other running loop (an asyncio application, a web server, uvloop), or the
+  ``loop`` setting ``"background"``: the coroutine runs on a library-owned loop in a
+  daemon thread, and the caller blocks until it is done. Someone else's loop is never
+  patched.
 
 A model keeps the loop of its first asyncio step as its *home*: later steps run there
 wherever they are started from, because what agents create on a loop (an async HTTP

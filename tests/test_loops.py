@@ -465,3 +465,28 @@ def test_another_callers_system_exit_does_not_strand_a_joined_step():
     for thread in threads:
         thread.join(WAIT)
     assert outcome == {"waiter": "ok", "quitter": "SystemExit"}
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_many_models_stepping_at_once_in_an_executor(mode):
+    """What a batch runner with an executor does (Mesa's ``run_scenarios``)."""
+    import concurrent.futures
+
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=16)
+    models = [Calls(n=6, delay=0.01) for _ in range(8)]
+    steps = 4
+
+    def run(model: Calls) -> tuple[int, int, set[int]]:
+        completed = []
+        for _ in range(steps):
+            model.step()
+            completed.append(mlp.last_step_report(model).completed)
+        return sum(completed), model.peak, model.loops()
+
+    with concurrent.futures.ThreadPoolExecutor(4) as executor:
+        results = list(executor.map(run, models, timeout=WAIT))
+    for model, (completed, peak, loops) in zip(models, results, strict=True):
+        assert completed == 6 * steps  # every agent once per step, a report per model
+        assert peak > 1  # each model's agents overlapped
+        assert loops == {id(mlp.home_loop(model))}  # one loop per model, its home
+        assert steps_of(model) == steps

@@ -88,6 +88,7 @@ class Exclusion:
             empty means the tests are always left out.
         tests: About how many passing tests this removes (Mesa 3.5.1), to lower the
             expected minimum of passed tests accordingly.
+        since_mesa: The first Mesa major release that has these tests (0: all).
     """
 
     option: str
@@ -95,9 +96,12 @@ class Exclusion:
     reason: str
     unless_importable: tuple[str, ...] = ()
     tests: int = 0
+    since_mesa: int = 0
 
     def applies(self) -> bool:
         """Whether these tests are left out in this environment."""
+        if int(mesa_version().split(".")[0]) < self.since_mesa:
+            return False
         if not self.unless_importable:
             return True
         return not all(importlib.util.find_spec(name) for name in self.unless_importable)
@@ -147,6 +151,7 @@ EXCLUSIONS = (
         "writes Parquet files, which needs pyarrow",
         ("pyarrow",),
         tests=0,
+        since_mesa=4,
     ),
 )
 
