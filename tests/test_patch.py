@@ -273,7 +273,9 @@ def test_a_library_that_patches_after_us_is_taken_back_at_the_next_parallel_step
     model.tracker.peak = 0
     model.agents.select().shuffle_do("step")  # a plain AgentSet: ours again
     assert model.tracker.peak > 1
-    assert foreign.calls == []
+    # Before Mesa 3.5, model.agents is an AgentSet too: its first step went through the
+    # late library (which called ours, as "Mesa's original", and ours took back).
+    assert foreign.calls == ([] if _HardKeyAgentSet is not AgentSet else ["step"])
 
     mlp.disable_automatic_parallel_stepping()
     assert AgentSet.__dict__["shuffle_do"] is ORIGINALS[AgentSet]
