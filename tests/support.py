@@ -23,10 +23,10 @@ def create_agents(agent_class, model, n: int) -> list:
     return [agent_class(model) for _ in range(n)]
 
 
-def steps_of(model) -> float:
+def steps_of(model) -> int:
     """How many steps ``model`` has taken: ``model.steps``, or ``model.time`` on Mesa 4."""
     steps = getattr(model, "steps", None)
-    return model.time if steps is None else steps
+    return int(model.time) if steps is None else steps
 
 
 def agent_set_classes() -> tuple[type, type]:
