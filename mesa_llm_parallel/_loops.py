@@ -35,6 +35,7 @@ so no task is left pending on a loop that will be reused.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import contextvars
 import logging
@@ -100,7 +101,12 @@ class _LoopHolder:
         self.lock = threading.Lock()
 
     def close(self) -> None:
-        """Close the loop unless some thread is running it (or about to)."""
+        """Close the loop unless some thread is running it (or about to).
+
+        As ``asyncio.run`` does at its end: tasks still pending there (a client's
+        background worker that an agent started) are cancelled and given up to
+        ``_UNWIND_TIMEOUT`` seconds to finish, then async generators are closed.
+        """
         if not self.lock.acquire(blocking=False):
             return
         try:
@@ -108,6 +114,11 @@ class _LoopHolder:
             if loop.is_closed() or loop.is_running():
                 return
             try:
+                pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+                for task in pending:
+                    task.cancel()
+                if pending:
+                    loop.run_until_complete(asyncio.wait(pending, timeout=_UNWIND_TIMEOUT))
                 loop.run_until_complete(loop.shutdown_asyncgens())
             finally:
                 loop.close()
@@ -131,7 +142,23 @@ def _thread_holder() -> _LoopHolder:
         _local.holder = holder
         with _holders_lock:
             _holders.add(holder)
+            _close_at_exit()
     return holder
+
+
+_exit_hook_registered = False
+
+
+def _close_at_exit() -> None:
+    """Once: at interpreter exit, close the library's idle loops as asyncio.run would.
+
+    Without it the loops are only freed, and a task an agent's client left pending on
+    one (litellm's logging worker, say) is reported as "destroyed but it is pending".
+    """
+    global _exit_hook_registered  # noqa: PLW0603 - one hook per process
+    if not _exit_hook_registered:
+        _exit_hook_registered = True
+        atexit.register(close_loops)
 
 
 def thread_loop() -> asyncio.AbstractEventLoop:
@@ -279,10 +306,25 @@ class _BackgroundLoop:
     def stop(self) -> None:
         if self.loop.is_closed():
             return
+        if self.thread.is_alive():  # as asyncio.run ends: pending tasks are cancelled first
+            with contextlib.suppress(Exception):
+                asyncio.run_coroutine_threadsafe(_cancel_pending(), self.loop).result(
+                    _UNWIND_TIMEOUT
+                )
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(timeout=_UNWIND_TIMEOUT)
         if not self.thread.is_alive():
             self.loop.close()
+
+
+async def _cancel_pending() -> None:
+    """Cancel every other task of the running loop and wait (briefly) for them."""
+    me = asyncio.current_task()
+    pending = [task for task in asyncio.all_tasks() if task is not me and not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        await asyncio.wait(pending, timeout=_UNWIND_TIMEOUT)
 
 
 _background: _BackgroundLoop | None = None
@@ -297,6 +339,7 @@ def _background_loop() -> _BackgroundLoop:
             bg = _background
             if bg is None or not bg.thread.is_alive():
                 bg = _background = _BackgroundLoop()
+                _close_at_exit()
     return bg
 
 
