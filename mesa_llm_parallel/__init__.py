@@ -11,7 +11,7 @@ Core objects: :data:`settings` (the live settings), the functions of
 
 from __future__ import annotations
 
-from mesa_llm_parallel._loops import home_loop, last_loop_path
+from mesa_llm_parallel._loops import NestingTooDeepError, home_loop, last_loop_path
 from mesa_llm_parallel._ordering import in_turn, shared_lock
 from mesa_llm_parallel._pool import StuckThreadsError
 from mesa_llm_parallel._report import (
@@ -63,6 +63,7 @@ __all__ = [
     "ERROR_POLICIES",
     "MODES",
     "AgentFailure",
+    "NestingTooDeepError",
     "Settings",
     "SettingsSnapshot",
     "StepReport",

@@ -66,7 +66,8 @@ Resolve = Callable[[Any], Any]
 _AWAIT: Final = 0  # await getattr(agent, name)(...) on the step's loop
 _POOL: Final = 1  # run getattr(agent, name)(...) in the thread pool
 _INLINE: Final = 2  # call getattr(agent, name)(...) right here
-_ON_THREAD_LOOP: Final = 3  # run the coroutine on this thread's persistent loop
+_ON_THREAD_LOOP: Final = 3  # run the coroutine on the model's home loop (threading mode)
+_NOOP: Final = 4  # Mesa's own no-op method: called right here, no user code runs
 
 
 def _base_method(name: str) -> Any:
@@ -118,7 +119,7 @@ class _Dispatch:
         if has_async and (not self._threading or not overridden):
             return async_kind, async_name
         if not overridden:
-            return _INLINE, method  # Mesa's own no-op: nothing worth a thread hop
+            return _NOOP, method  # Mesa's own no-op: nothing worth a thread hop
         return self._sync_kind, method
 
 
@@ -389,7 +390,7 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     if step.n == 0:
         return
     if nested is None:
-        nested = is_pool_thread()
+        nested = in_nested_step()
     cfg = step.cfg
     sync_kind = _INLINE if (cfg.run_sync_inline or nested) else _POOL
     dispatch = _Dispatch(step.method, threading_mode=False, sync_kind=sync_kind)
@@ -499,9 +500,12 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     # If this step stops waiting (timeout, interrupt), the worker is
                     # released when its thread really returns.
                     job.add_done_callback(worker.release_from_thread)
-                else:
+                elif kind == _NOOP:
                     awaitable = None
                     call(agent, name)
+                else:  # inline user code, in its own copy of the context, as in a thread
+                    awaitable = None
+                    contextvars.copy_context().run(call, agent, name)
                 if awaitable is None:
                     pass
                 elif timeout is None:
@@ -648,30 +652,17 @@ _LOOP_TIMEOUT_GRACE: Final = 1.0
 
 
 def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
-    call = step.call
-    timeout = step.cfg.timeout
+    context = step.context
     while not me.abandoned and (position := step.claim()) is not None:
         agent = step.lookup(position)
         if agent is None:
             continue
         started = step.start()
-        error: BaseException | None = None
-        timed_out = False
-        turn = current_turn.set((step.turns, position, agent))
-        try:
-            kind, name = dispatch(agent)
-            with step.lock:
-                me.agent, me.position, me.started = agent, position, started
-                me.on_loop = kind == _ON_THREAD_LOOP
-            result = call(agent, name)
-            if kind == _ON_THREAD_LOOP:
-                timed_out = _run_on_home_loop(step, result, timeout)
-                if timed_out:
-                    error = _timeout_error(agent, timeout, in_thread=False)  # type: ignore[arg-type]
-        except Exception as exc:
-            error = exc
-        finally:
-            current_turn.reset(turn)
+        # Each agent in a fresh copy of the caller's context, as asyncio.to_thread does:
+        # what one agent sets there is not seen by the next one of this runner.
+        error, timed_out = context.copy().run(
+            _run_threaded_agent, step, me, dispatch, position, agent, started
+        )
         with step.lock:
             abandoned = me.abandoned
             me.agent = None
@@ -679,6 +670,42 @@ def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
             return
         step.finish(position, agent, started, error, timed_out=timed_out)
         del agent
+
+
+def _run_threaded_agent(
+    step: Step, me: _Runner, dispatch: _Dispatch, position: int, agent: Any, started: float
+) -> tuple[BaseException | None, bool]:
+    """Run one agent in a threading-mode runner; return (its error or None, timed out)."""
+    timeout = step.cfg.timeout
+    current_turn.set((step.turns, position, agent))  # in this agent's own context
+    try:
+        kind, name = dispatch(agent)
+        with step.lock:
+            me.agent, me.position, me.started = agent, position, started
+            me.on_loop = kind == _ON_THREAD_LOOP
+        result = step.call(agent, name)
+        if kind == _ON_THREAD_LOOP and _run_on_home_loop(step, result, timeout):
+            return _timeout_error(agent, timeout, in_thread=False), True  # type: ignore[arg-type]
+    except Exception as exc:
+        return exc, False
+    return None, False
+
+
+#: Set while an async-only agent of a threading-mode step runs on the home loop: its
+#: pool thread waits for it, so a step it starts must not wait for pool threads.
+holding_worker: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "mesa_llm_parallel_holding_worker", default=False
+)
+
+
+def in_nested_step() -> bool:
+    """Whether a step started here runs inside an agent that holds a pool thread.
+
+    A pool worker itself, or an async-only agent of a threading-mode step (its worker
+    waits for it). Such a step must not wait for pool threads: they may all be held by
+    agents waiting for it.
+    """
+    return is_pool_thread() or holding_worker.get()
 
 
 def _run_on_home_loop(step: Step, coro: Any, timeout: float | None) -> bool:
@@ -690,6 +717,7 @@ def _run_on_home_loop(step: Step, coro: Any, timeout: float | None) -> bool:
     """
 
     async def bounded() -> bool:
+        holding_worker.set(True)  # in this coroutine's own task context
         if timeout is None:
             await coro
             return False
@@ -720,9 +748,10 @@ def run_step_threaded(step: Step) -> None:
         return
     cfg = step.cfg
     dispatch = _Dispatch(step.method, threading_mode=True, sync_kind=_INLINE)
-    if is_pool_thread():
-        # A step started from inside one of our own workers (an agent stepping its
-        # sub-agents) runs in that worker: waiting for free workers could deadlock.
+    if in_nested_step():
+        # A step started from inside an agent that holds a pool thread (an agent
+        # stepping its sub-agents) runs right here: waiting for free workers could
+        # deadlock once such agents hold them all.
         _run_threaded_runner(step, _Runner(), dispatch)
         return
 
@@ -738,10 +767,8 @@ def run_step_threaded(step: Step) -> None:
 
         def start_runner() -> concurrent.futures.Future[None]:
             runner = _Runner()
-            # Each runner runs in a copy of the caller's context, as asyncio.to_thread does.
-            job = functools.partial(
-                step.context.copy().run, _run_threaded_runner, step, runner, dispatch
-            )
+            # Each agent runs in its own copy of the caller's context (see the runner).
+            job = functools.partial(_run_threaded_runner, step, runner, dispatch)
             future = executor.submit(job)
             running[future] = runner
             return future
@@ -920,6 +947,9 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
     marked interrupted. Either way an escaping exception prepares the model to step
     again (see :mod:`mesa_llm_parallel._recovery`).
     """
+    # Armed before the step, not only when it raises: a copy of the model taken while
+    # the step runs (in another thread) then carries the resume event too, and resumes.
+    recovery.arm(model)
     try:
         try:
             yield
@@ -932,7 +962,7 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
         if step.cfg.on_error == "raise":
             raise_failures(report)
     except BaseException:
-        recovery.arm(model)
+        recovery.arm(model)  # (already armed unless the model changed its schedule)
         raise
 
 
@@ -945,7 +975,7 @@ def run_step_sync(step: Step, model: Any) -> None:
         else:
             # Decided here, in the calling thread: the step itself may run on another
             # thread's loop (the background loop), where the answer would be wrong.
-            nested = is_pool_thread()
+            nested = in_nested_step()
             run_coroutine_sync(
                 lambda: run_step_async(step, nested=nested),
                 loop_policy=step.cfg.loop,

@@ -192,6 +192,19 @@ _nested_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
 _unpatchable_types: set[type] = set()
 #: Loops the library made (persistent thread loops, the background loop).
 _own_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
+#: How many blocking steps run nested on each loop right now.
+_nest_depth: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, int] = weakref.WeakKeyDictionary()
+#: The most blocking steps nested on one loop at once. Every level costs a dozen or so
+#: Python frames, and a chain grows with each caller waiting at once (an agent's
+#: ``astep`` stepping sub-agents, tasks of a cell each calling ``model.step()``): past
+#: this, a new model's step goes to the background loop instead, and a step that must
+#: run on this loop (its model's home) raises :class:`NestingTooDeepError` instead of
+#: reaching Python's recursion limit.
+MAX_NESTED_STEPS: Final = 32
+
+
+class NestingTooDeepError(RuntimeError):
+    """Too many blocking steps are nested on one event loop at once."""
 
 
 def _is_kernel_loop(loop: asyncio.AbstractEventLoop) -> bool:
@@ -232,9 +245,12 @@ def _run_nested(loop: asyncio.AbstractEventLoop, coro: Coroutine[Any, Any, Any])
     """
     ready = loop._ready  # type: ignore[attr-defined]
     before = list(ready)
+    depth = _nest_depth.get(loop, 0)
+    _nest_depth[loop] = depth + 1
     try:
         return _run_until_complete(loop, coro)
     finally:
+        _nest_depth[loop] = depth
         if before:
             still = {id(handle) for handle in ready}
             consumed = sum(1 for handle in before if id(handle) not in still)
@@ -592,6 +608,7 @@ def _run_at_home(
     if loop is running:
         if not _may_nest(loop):
             return _HOMELESS
+        _check_depth(loop)
         _local.last_path = "running_loop"
         return _run_nested(loop, factory())
     bg = _background
@@ -615,6 +632,17 @@ def _run_at_home(
     # A different loop runs in this thread, and asyncio allows one per thread: a helper
     # thread runs the home loop while this one waits (as it would for a sequential step).
     return _send(loop, factory, holder)
+
+
+def _check_depth(loop: asyncio.AbstractEventLoop) -> None:
+    depth = _nest_depth.get(loop, 0)
+    if depth >= MAX_NESTED_STEPS:
+        raise NestingTooDeepError(
+            f"{depth} blocking steps are already nested on this event loop (at most "
+            f"{MAX_NESTED_STEPS}): many callers are waiting on it at once (agents whose "
+            "astep calls a blocking shuffle_do, or tasks that each call model.step()). "
+            "Await instead: 'await ashuffle_do(agents)' in async code."
+        )
 
 
 def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
@@ -708,13 +736,17 @@ def run_coroutine_sync(
                 model,
             )
 
-    if loop_policy == "background" or (running is not None and not _may_nest(running)):
+    too_deep = running is not None and _nest_depth.get(running, 0) >= MAX_NESTED_STEPS
+    if loop_policy == "background" or (
+        running is not None and (too_deep or not _may_nest(running))
+    ):
         # Any running loop but a kernel's or the library's own is left alone: the step
         # runs on the background loop thread while this thread blocks.
         _local.last_path = "background"
         bg = _background_loop()
         _set_home(model, bg.loop, None)
         if running is bg.loop:  # a blocking step inside an agent on that very loop
+            _check_depth(running)
             if not _may_nest(running):
                 raise RuntimeError(
                     "cannot run a blocking parallel step on the library's background loop "

@@ -126,14 +126,18 @@ class WorkerPool:
             if self._idle:
                 self._idle -= 1  # that worker will take this job
             elif len(self._threads) < self.size:
-                thread = threading.Thread(
-                    target=self._work, name=f"{_THREAD_PREFIX}-{next(_thread_numbers)}", daemon=True
-                )
-                # Registered before it starts: an interrupt during start() cannot make
-                # the pool lose count of it.
-                self._threads.add(thread)
-                thread.start()
+                self._start_thread()
         return future
+
+    def _start_thread(self) -> None:
+        """Start one more worker (called with the lock held)."""
+        thread = threading.Thread(
+            target=self._work, name=f"{_THREAD_PREFIX}-{next(_thread_numbers)}", daemon=True
+        )
+        # Registered before it starts: an interrupt during start() cannot make the pool
+        # lose count of it.
+        self._threads.add(thread)
+        thread.start()
 
     def abandon(self, future: Future[Any], label: str, bound: int) -> bool:
         """Give up on the thread running ``future``'s job; start no more jobs on it.
@@ -153,6 +157,10 @@ class WorkerPool:
             if thread is None or thread not in self._threads:
                 return False
             self._threads.discard(thread)
+            # Its replacement, at once: jobs queued behind the stuck one (another step's
+            # runners) must not wait for a thread that may never come back.
+            if not self._shutdown:
+                self._start_thread()
             with _stuck_lock:
                 _stuck[thread] = label
                 over = len(_stuck) > bound

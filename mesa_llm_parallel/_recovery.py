@@ -6,12 +6,13 @@ schedules the next step only after the current one returns. When an exception es
 later ``model.step()`` silently does nothing. In a notebook, where interrupts and
 model-server errors are routine, that looks like a dead model.
 
-When a parallel step raises, :func:`arm` puts one *resume* event into the model's own
-event list, at the time of the failed step and after it in priority. That event runs
+When a parallel step starts, :func:`arm` puts one *resume* event into the model's own
+event list, at the time of the current step and after it in priority. When the step
+returns normally (or the user's code caught its exception), Mesa reschedules the next
+step and the resume event, run right after in the same advance of time, does nothing,
+so a step is never scheduled twice. When an exception escaped, the resume event runs
 first on the model's next advance of time (``model.step()``, ``run_for``,
-``run_until``): if nothing rescheduled the generator, because the exception escaped, it
-reschedules it exactly as Mesa would have; if the user's code caught the exception and
-Mesa went on normally, it does nothing, so a step is never scheduled twice.
+``run_until``) and reschedules the generator exactly as Mesa would have.
 
 The event is plain data in the model (a module-level function and its arguments):
 ``copy.deepcopy`` and ``pickle`` copy it with the model, so a copy of a model whose step

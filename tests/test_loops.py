@@ -251,7 +251,9 @@ def test_background_setting_still_wins_over_the_home():
     assert mlp.last_step_report(model).failures == ()
 
 
-def test_an_interrupt_while_waiting_for_the_home_loop_cancels_the_step(loop_thread):
+def test_an_interrupt_while_waiting_for_the_home_loop_cancels_the_step(
+    loop_thread, as_if_in_a_kernel
+):
     model = Calls(n=6, delay=0.01)
     loop_thread.call(step_and_path, model)  # home: the loop in the other thread
     model.delay = WAIT

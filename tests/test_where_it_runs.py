@@ -942,3 +942,199 @@ def test_one_async_openai_client_serves_every_step_across_mode_switches():
     assert [[type(f.exception).__name__ for f in r.failures] for r in reports] == [[]] * 6
     assert (stats.requests, stats.completed, stats.errors) == (72, 72, 0)
     assert [len(a.answers) for a in model.agents] == [6] * 12
+
+
+# -- found by trying them as a user would ----------------------------------------------
+RID = contextvars.ContextVar("rid", default="none")
+
+
+class Overwriter(mesa.Agent):
+    """Sync only: records what it sees, then sets the variable for whoever comes next."""
+
+    def step(self) -> None:
+        self.model.seen.append(RID.get())
+        RID.set(f"set-by-{self.unique_id}")
+        for sub in getattr(self, "subs", ()):
+            sub.step()
+
+
+class Overwriters(mesa.Model):
+    def __init__(self, n: int = 5) -> None:
+        super().__init__(rng=3)
+        self.parallel_stepping = True
+        self.seen: list[str] = []
+        create_agents(Overwriter, self, n)
+
+    def step(self) -> None:
+        self.agents.shuffle_do("step")
+
+
+@pytest.mark.parametrize(
+    "how", ["threading", "asyncio", "step_agents_multithreaded", "step_agents_parallel_sync"]
+)
+def test_an_agents_context_changes_do_not_reach_the_next_agent(how):
+    # One worker: the agents run one after another in the same runner.
+    mode = how if how in MODES else "asyncio"
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=1, max_concurrency=1)
+    model = Overwriters()
+    token = RID.set("caller")
+    caller = contextvars.copy_context()  # the test's thread's context, for the step's thread
+    RID.reset(token)
+    if how in MODES:
+        call_in_thread(lambda: caller.run(model.step))
+    else:
+        manual = getattr(mlp, how)
+        call_in_thread(lambda: caller.run(manual, list(model.agents)))
+    assert model.seen == ["caller"] * 5
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_steps_of_several_callers_with_stuck_agents_all_return(mode):
+    never = threading.Event()
+
+    class Stuck(mesa.Agent):
+        def step(self) -> None:
+            never.wait(30)
+
+    mlp.enable_automatic_parallel_stepping(
+        mode=mode, timeout=0.2, on_error="collect", max_workers=1
+    )
+    models = []
+    for _ in range(3):
+        model = mesa.Model(rng=1)
+        model.parallel_stepping = True
+        create_agents(Stuck, model, 1)
+        models.append(model)
+    outcomes: list[str] = []
+    lock = threading.Lock()
+
+    def step(model: mesa.Model) -> None:
+        try:
+            model.agents.shuffle_do("step")
+            result = "returned"
+        except mlp.StuckThreadsError:
+            result = "StuckThreadsError"
+        with lock:
+            outcomes.append(result)
+
+    try:
+        threads = [threading.Thread(target=step, args=(m,), daemon=True) for m in models]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(WAIT)
+        assert len(outcomes) == 3, f"a step hangs: {outcomes}"  # each returned or raised
+        assert "StuckThreadsError" in outcomes  # 3 stuck > max_workers: the bound shows
+    finally:
+        never.set()
+    assert wait_until(lambda: _stuck_threads() == 0)
+
+
+class AsyncParent(mesa.Agent):
+    """Async only: steps its sub-agents, blocking or awaiting."""
+
+    def __init__(self, model: mesa.Model, subs: mesa.agent.AgentSet, how: str) -> None:
+        super().__init__(model)
+        self.subs, self.how = subs, how
+
+    async def astep(self) -> None:
+        await asyncio.sleep(0.001)
+        if self.how == "blocking":
+            self.subs.shuffle_do("step")
+        else:
+            await mlp.ashuffle_do(self.subs, "step")
+
+
+class SubCounter(mesa.Agent):
+    def step(self) -> None:
+        self.model.sub_steps += 1
+
+
+class Parents(mesa.Model):
+    def __init__(self, parents: int, how: str) -> None:
+        super().__init__(rng=4)
+        self.parallel_stepping = True
+        self.sub_steps = 0
+        for _ in range(parents):
+            subs = mesa.agent.AgentSet(create_agents(SubCounter, self, 3), random=self.random)
+            AsyncParent(self, subs, how)
+
+    def step(self) -> None:
+        self.agents_by_type[AsyncParent].shuffle_do("step")
+
+
+@pytest.mark.parametrize("how", ["blocking", "awaiting"])
+def test_async_parents_holding_every_pool_thread_can_step_sub_agents(how):
+    # Threading mode: each async parent's pool thread waits for it on the home loop; the
+    # sub-step must not wait for a pool thread (there is none left).
+    mlp.enable_automatic_parallel_stepping(mode="threading", max_workers=2)
+    model = Parents(2, how)
+    call_in_thread(model.step)
+    assert model.sub_steps == 6
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_many_async_parents_with_blocking_sub_steps_never_hang(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, on_error="collect")
+    model = Parents(100, "blocking")
+    call_in_thread(model.step, wait=30)
+    report = mlp.last_step_report(model)
+    # Each parent either stepped its sub-agents, or (past the nesting bound) failed with
+    # the library's clear error; never a RecursionError, never a hang.
+    assert {type(f.exception) for f in report.failures} <= {mlp.NestingTooDeepError}
+    assert model.sub_steps == 3 * report.completed
+    assert report.completed + len(report.failures) == 100
+
+
+def test_many_cell_tasks_stepping_new_models_at_once(as_if_in_a_kernel):
+    # A notebook cell that gathers 100 tasks, each stepping a model of its own: the first
+    # ones nest on the kernel's loop, the rest go to the background loop.
+    mlp.enable_automatic_parallel_stepping(mode="asyncio")
+    models = [Parents(1, "awaiting") for _ in range(100)]
+
+    async def cell() -> None:
+        async def handler(model: mesa.Model) -> None:
+            await asyncio.sleep(0)
+            model.step()
+
+        await asyncio.gather(*(handler(m) for m in models))
+
+    call_in_thread(lambda: asyncio.run(cell()), wait=30)
+    assert [m.sub_steps for m in models] == [3] * 100
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_a_copy_taken_while_the_model_steps_in_another_thread_steps(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode)
+    gate, inside = threading.Event(), threading.Event()
+
+    class Slow(mesa.Agent):
+        def step(self) -> None:
+            inside.set()
+            gate.wait(WAIT)
+            self.model.tally += 1
+
+    class SlowModel(mesa.Model):
+        def __init__(self) -> None:
+            super().__init__(rng=2)
+            self.parallel_stepping = True
+            self.tally = 0
+            create_agents(Slow, self, 2)
+
+        def step(self) -> None:
+            self.agents.shuffle_do("step")
+
+    model = SlowModel()
+    thread = threading.Thread(target=model.step, daemon=True)
+    thread.start()
+    try:
+        assert inside.wait(WAIT)
+        twin = copy.deepcopy(model)  # in the middle of the step
+    finally:
+        gate.set()
+    thread.join(WAIT)
+    before = twin.tally
+    call_in_thread(twin.step)
+    call_in_thread(twin.step)
+    assert twin.tally == before + 4  # the copy steps itself (Mesa had not rescheduled it)
+    assert model.tally == 2  # and never the original
