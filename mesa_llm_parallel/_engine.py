@@ -34,7 +34,12 @@ from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Final
 
 from mesa_llm_parallel import _recovery as recovery
-from mesa_llm_parallel._loops import prepare_home, run_coroutine_sync, run_on_thread_loop
+from mesa_llm_parallel._loops import (
+    NestingTooDeepError,
+    prepare_home,
+    run_coroutine_sync,
+    run_on_thread_loop,
+)
 from mesa_llm_parallel._ordering import Turnstile, current_turn
 from mesa_llm_parallel._pool import (
     ResizablePool,
@@ -730,11 +735,15 @@ def _run_on_home_loop(step: Step, coro: Any, timeout: float | None) -> bool:
             raise
         return False
 
-    if step.model is not None:
-        return run_coroutine_sync(bounded, loop_policy=step.cfg.loop, model=step.model)
-    if asyncio._get_running_loop() is None:
-        return run_on_thread_loop(bounded)
-    return run_coroutine_sync(bounded)  # an async-only agent in a worker that runs a loop
+    try:
+        if step.model is not None:
+            return run_coroutine_sync(bounded, loop_policy=step.cfg.loop, model=step.model)
+        if asyncio._get_running_loop() is None:
+            return run_on_thread_loop(bounded)
+        return run_coroutine_sync(bounded)  # an async-only agent in a worker running a loop
+    finally:
+        if inspect.getcoroutinestate(coro) == inspect.CORO_CREATED:
+            coro.close()  # refused before it ran: no "coroutine was never awaited"
 
 
 def run_step_threaded(step: Step) -> None:
@@ -976,11 +985,20 @@ def run_step_sync(step: Step, model: Any) -> None:
             # Decided here, in the calling thread: the step itself may run on another
             # thread's loop (the background loop), where the answer would be wrong.
             nested = in_nested_step()
-            run_coroutine_sync(
-                lambda: run_step_async(step, nested=nested),
-                loop_policy=step.cfg.loop,
-                model=model,
-            )
+            try:
+                run_coroutine_sync(
+                    lambda: run_step_async(step, nested=nested),
+                    loop_policy=step.cfg.loop,
+                    model=model,
+                )
+            except NestingTooDeepError:
+                if step.started or step.skipped:
+                    raise
+                # Refused before anything ran: too many blocking steps already wait on
+                # this loop. Run this one right here, without a loop: sync methods one
+                # after another; an async-only agent here fails with that error.
+                dispatch = _Dispatch(step.method, threading_mode=True, sync_kind=_INLINE)
+                _run_threaded_runner(step, _Runner(), dispatch)
 
 
 async def run_step_in_loop(step: Step, model: Any) -> None:

@@ -1079,11 +1079,10 @@ def test_many_async_parents_with_blocking_sub_steps_never_hang(mode):
     model = Parents(100, "blocking")
     call_in_thread(model.step, wait=30)
     report = mlp.last_step_report(model)
-    # Each parent either stepped its sub-agents, or (past the nesting bound) failed with
-    # the library's clear error; never a RecursionError, never a hang.
-    assert {type(f.exception) for f in report.failures} <= {mlp.NestingTooDeepError}
-    assert model.sub_steps == 3 * report.completed
-    assert report.completed + len(report.failures) == 100
+    # Past the nesting bound the sub-steps run right in their parent: every parent steps
+    # its (sync) sub-agents; never a RecursionError, never a hang.
+    assert (report.completed, report.failures) == (100, ())
+    assert model.sub_steps == 300
 
 
 def test_many_cell_tasks_stepping_new_models_at_once(as_if_in_a_kernel):
