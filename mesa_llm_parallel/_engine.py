@@ -523,7 +523,11 @@ async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
                     in_thread = kind == _POOL
                     error = _timeout_error(agent, timeout, in_thread=in_thread)  # type: ignore[arg-type]
                     error.__cause__ = exc
-                    if in_thread and not job.done():  # type: ignore[union-attr]
+                    if in_thread and job.cancel():  # type: ignore[union-attr]
+                        # Still queued (another step held the pool's threads): it never
+                        # runs now, and its worker slot is free again.
+                        worker.release()  # type: ignore[union-attr]
+                    elif in_thread and not job.done():  # type: ignore[union-attr]
                         # Its thread cannot be stopped: the pool gives up on it and the
                         # step gets its worker back at once (a spare thread takes over).
                         try:

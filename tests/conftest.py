@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 
 import mesa
@@ -13,6 +14,12 @@ import mesa_llm_parallel as mlp
 
 
 def pytest_configure(config):
+    # Several tests press Ctrl-C (SIGINT) on purpose. A test run started where SIGINT is
+    # ignored (a background job of a non-interactive shell) would inherit that, in this
+    # process and in the interpreters and kernels it starts: give it Python's own
+    # handler, which raises KeyboardInterrupt, as in a terminal.
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line(
         "markers",
         "mesa_min(version, why): needs at least this Mesa release; on an older one the "

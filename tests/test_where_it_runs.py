@@ -1024,7 +1024,11 @@ def test_steps_of_several_callers_with_stuck_agents_all_return(mode):
         for thread in threads:
             thread.join(WAIT)
         assert len(outcomes) == 3, f"a step hangs: {outcomes}"  # each returned or raised
-        assert "StuckThreadsError" in outcomes  # 3 stuck > max_workers: the bound shows
+        if mode == "threading":  # each runner gets a thread in turn: 3 stuck > max_workers
+            assert "StuckThreadsError" in outcomes
+        # (In asyncio mode an agent whose job still waits for a thread when it times out
+        # is cancelled: it never runs, and only one thread is stuck.)
+        assert _stuck_threads() <= 3
     finally:
         never.set()
     assert wait_until(lambda: _stuck_threads() == 0)
