@@ -161,7 +161,7 @@ EXCLUSIONS = (
 WHOLE_SUITE_MIN_PASSED_BY_MAJOR = {3: 560, 4: 500}
 #: A floor that catches a run that silently collected almost nothing. Mesa's own
 #: agent-set tests (test_agentset.py, test_agent.py, test_model.py; the first from
-#: Mesa 3.5 on) number 29 (3.2.0) to 44 (3.5.1), 38 on 4.0.0a0; the exact count is in
+#: Mesa 3.5 on) number 28 (3.0.3) to 44 (3.5.1), 38 on 4.0.0a0; the exact count is in
 #: each run's log.
 AGENTSET_MIN_PASSED = 20
 
