@@ -38,7 +38,11 @@ Scenarios (each is one or more rows of the printed table, with its target):
     default connection pool against the pool the HTTP scenarios configure;
 11. ``hosts``: one asyncio step of 1,000 trivial agents from a kernel cell (nested), an
     asyncio application (background loop thread), threading mode (async-only agents on
-    the home loop) and agents stepping sub-agents, each in a fresh interpreter.
+    the home loop) and agents stepping sub-agents, each in a fresh interpreter;
+12. ``mixed``: 10,000 / 50,000 cheap sync agents beside 100 agents awaiting 50 ms,
+    against the cheap agents' own sequential time plus 50 ms;
+13. ``scale``: 100 ... 100,000 agents awaiting 0.5 s against a bare ``asyncio.gather``,
+    with the peak memory of each step (and, at 100,000, where the time goes);
 
 The machine is assumed shared and noisy: variants are interleaved within one run and
 figures are medians of repeats (minimum beside them). Compare ratios, not absolute
@@ -66,6 +70,7 @@ from bench_latency import asyncio_latency, sequential_baseline, threading_latenc
 from bench_machinery import machinery
 from bench_ratelimit import rate_limit
 from bench_reference import reference
+from bench_scale import mixed, scale
 
 import mesa_llm_parallel
 
@@ -81,6 +86,8 @@ SCENARIOS: dict[str, Callable[[Config], list[Row]]] = {
     "reference": reference,
     "client-pool": client_pool,
     "hosts": hosts,
+    "mixed": mixed,
+    "scale": scale,
 }
 #: Scenarios run only when named with --only.
 OPT_IN = ("client-pool",)

@@ -130,8 +130,9 @@ def members(agentset: Any, *, shuffle: bool) -> tuple[list[Any], Resolve]:
             agentset.random.shuffle(agents)
 
         def still_member(agent: Any) -> Any:
-            return agent if agent in agentset._agents else None
+            return agent if agent in agentset._agents else None  # read each time, as Mesa does
 
+        still_member.agentset = agentset  # type: ignore[attr-defined]  # the engine's hot loop
         return agents, still_member
     raise TypeError(
         f"mesa_llm_parallel does not know how {type(agentset).__name__} stores its agents "

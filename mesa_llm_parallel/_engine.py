@@ -20,7 +20,9 @@ with ``"collect"`` every agent runs. Each step ends with a :class:`StepReport`.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import contextvars
@@ -30,17 +32,25 @@ import itertools
 import logging
 import threading
 import time
+import weakref
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, Final
 
+from mesa_llm_parallel import _placement as placement
 from mesa_llm_parallel import _recovery as recovery
+from mesa_llm_parallel._collector import scaled_collector
 from mesa_llm_parallel._loops import (
     NestingTooDeepError,
     prepare_home,
     run_coroutine_sync,
     run_on_thread_loop,
 )
-from mesa_llm_parallel._ordering import Turnstile, current_turn
+from mesa_llm_parallel._ordering import (
+    INLINE_POSITION,
+    Turnstile,
+    current_position,
+    current_turnstile,
+)
 from mesa_llm_parallel._pool import (
     ResizablePool,
     StuckThreadsError,
@@ -73,6 +83,7 @@ _POOL: Final = 1  # run getattr(agent, name)(...) in the thread pool
 _INLINE: Final = 2  # call getattr(agent, name)(...) right here
 _ON_THREAD_LOOP: Final = 3  # run the coroutine on the model's home loop (threading mode)
 _NOOP: Final = 4  # Mesa's own no-op method: called right here, no user code runs
+_AUTO: Final = 5  # asyncio mode: inline or pool, as the class's record says (_placement)
 
 
 def _base_method(name: str) -> Any:
@@ -85,47 +96,163 @@ def _identity(entry: Any) -> Any:
     return entry
 
 
-class _Dispatch:
-    """Decides, once per agent class and step, which method runs and where."""
+class _Decision:
+    """How one agent class runs in one step, and how many of its agents ran where."""
 
-    __slots__ = ("_method", "_sync_kind", "_threading", "decisions")
+    __slots__ = (
+        "agent_class",
+        "inline",
+        "kind",
+        "name",
+        "ran",
+        "ran_inline",
+        "reason",
+        "record",
+        "where",
+    )
 
     def __init__(
-        self, method: str | Callable[..., Any], *, threading_mode: bool, sync_kind: int
+        self,
+        agent_class: type,
+        kind: int,
+        name: str | None,
+        where: str,
+        reason: str,
+        record: placement.ClassRecord | None = None,
+    ) -> None:
+        self.agent_class = agent_class
+        self.kind = kind
+        self.name = name  # the method to call, or None for a callable passed to the step
+        self.where = where  # for a fixed kind
+        self.reason = reason
+        self.record = record  # for _AUTO: decides, per agent, inline or the pool
+        self.inline = kind == _INLINE or kind == _NOOP  # always called right here
+        self.ran = 0  # agents started at ``where``
+        self.ran_inline = 0  # _AUTO: agents started inline (``ran``: in the pool)
+
+    def runs_inline(self) -> bool:
+        """Whether the next agent of this class is called right here."""
+        return self.inline or (self.record is not None and self.record.inline)
+
+
+class _Dispatch:
+    """Decides, once per agent class and step, which method runs and where.
+
+    Counts the agents of each class by where they ran, for the step report.
+    """
+
+    __slots__ = ("_cfg", "_method", "_nested", "_threading", "decisions")
+
+    def __init__(
+        self,
+        method: str | Callable[..., Any],
+        *,
+        threading_mode: bool,
+        cfg: SettingsSnapshot,
+        nested: bool = False,
     ) -> None:
         self._method = method
         self._threading = threading_mode
-        self._sync_kind = sync_kind
-        #: agent class -> (kind, method name or None for a callable); read directly by
-        #: the asyncio runners on their hot path.
-        self.decisions: dict[type, tuple[int, str | None]] = {}
+        self._cfg = cfg
+        self._nested = nested
+        #: agent class -> its decision; read directly by the hot paths.
+        self.decisions: dict[type, _Decision] = {}
 
-    def __call__(self, agent: Any) -> tuple[int, str | None]:
+    def __call__(self, agent: Any) -> _Decision:
         cls = type(agent)
         found = self.decisions.get(cls)
         if found is None:
             found = self.decisions[cls] = self._decide(cls)
         return found
 
-    def _decide(self, cls: type) -> tuple[int, str | None]:
+    def placements(self) -> tuple[placement.Placement, ...]:
+        """What the step report shows: one row per class and place, in first-seen order."""
+        rows = []
+        for cls, decision in list(self.decisions.items()):
+            name, record = cls.__qualname__, decision.record
+            if record is None:
+                if decision.ran:
+                    rows.append(
+                        placement.Placement(name, decision.where, decision.ran, decision.reason)
+                    )
+                continue
+            if decision.ran:
+                reason = record.reason
+                if record.inline:  # it moved inline later in the step (or stays there)
+                    reason = "observed there first, then moved inline"
+                rows.append(placement.Placement(name, placement.POOL, decision.ran, reason))
+            if decision.ran_inline:
+                reason = record.reason if record.inline else "until: " + record.reason
+                rows.append(
+                    placement.Placement(name, placement.INLINE, decision.ran_inline, reason)
+                )
+        return tuple(rows)
+
+    def _decide(self, cls: type) -> _Decision:
         method = self._method
         async_kind = _ON_THREAD_LOOP if self._threading else _AWAIT
+        async_where = placement.HOME_LOOP if self._threading else placement.EVENT_LOOP
         if not isinstance(method, str):
-            return (async_kind if inspect.iscoroutinefunction(method) else self._sync_kind), None
+            label = getattr(method, "__name__", repr(method))
+            if inspect.iscoroutinefunction(method):
+                return _Decision(cls, async_kind, None, async_where, f"{label} is async")
+            return self._sync(cls, None, f"{label} is sync")
         sync = getattr(cls, method, None)
         async_name = "a" + method
         has_async = inspect.iscoroutinefunction(getattr(cls, async_name, None))
         if sync is None and not has_async:
             raise AttributeError(f"{cls.__name__!r} object has no attribute {method!r}")
         if inspect.iscoroutinefunction(sync):
-            return async_kind, method
+            return _Decision(cls, async_kind, method, async_where, f"async def {method}")
         base = _base_method(method)
         overridden = sync is not None and sync is not base
         if has_async and (not self._threading or not overridden):
-            return async_kind, async_name
+            reason = f"async def {async_name}" + ("" if self._threading else " is preferred")
+            return _Decision(cls, async_kind, async_name, async_where, reason)
         if not overridden:
-            return _NOOP, method  # Mesa's own no-op: nothing worth a thread hop
-        return self._sync_kind, method
+            # Mesa's own no-op: nothing worth a thread hop
+            return _Decision(cls, _NOOP, method, placement.INLINE, f"Mesa's own no-op {method}")
+        return self._sync(cls, method, f"sync def {method}")
+
+    def _sync(self, cls: type, name: str | None, what: str) -> _Decision:
+        """Where a sync method runs: the runner's thread, the pool, inline, or measured."""
+        if self._threading:
+            return _Decision(cls, _INLINE, name, placement.POOL, f"{what}, threading mode")
+        if self._nested:
+            reason = (
+                "a step started inside an agent holding a pool thread runs its sync agents there"
+            )
+            return _Decision(cls, _INLINE, name, placement.INLINE, reason)
+        choice = vars_get(cls, "run_sync_inline")
+        source = f"{cls.__qualname__}.run_sync_inline = {choice!r}"
+        if choice is None:
+            choice, source = (
+                self._cfg.run_sync_inline,
+                f"run_sync_inline={self._cfg.run_sync_inline!r}",
+            )
+        if choice is True:
+            return _Decision(cls, _INLINE, name, placement.INLINE, source)
+        if choice is False:
+            return _Decision(cls, _POOL, name, placement.POOL, source)
+        if self._cfg.timeout is not None:
+            reason = "a timeout is set, and an inline call cannot be timed out"
+            return _Decision(cls, _POOL, name, placement.POOL, reason)
+        record = placement.record_for(cls)
+        return _Decision(cls, _AUTO, name, placement.POOL, record.reason, record)
+
+
+def vars_get(cls: type, name: str) -> Any:
+    """A class attribute from ``cls`` or its bases (user classes only), else None."""
+    for klass in cls.__mro__:
+        if name in vars(klass):
+            value = vars(klass)[name]
+            if value is not None and value is not True and value is not False and value != "auto":
+                raise TypeError(
+                    f"{klass.__qualname__}.{name} must be True, False, 'auto' or None, "
+                    f"got {value!r}"
+                )
+            return value
+    return None
 
 
 def _make_call(
@@ -139,6 +266,31 @@ def _make_call(
         return getattr(agent, name)(*args, **kwargs)
 
     return call
+
+
+def _make_call_at(
+    call: Callable[[Any, str | None], Any], plain: bool
+) -> Callable[[int, Any, str | None], Any]:
+    """``call`` with the agent's position set first (run in the agent's context copy).
+
+    ``plain``: the step passes no arguments, so a named method is called directly.
+    """
+    set_position = current_position.set
+    if plain:
+
+        def call_at(position: int, agent: Any, name: str | None) -> Any:
+            set_position(position)
+            if name is None:
+                return call(agent, None)
+            return getattr(agent, name)()
+
+    else:
+
+        def call_at(position: int, agent: Any, name: str | None) -> Any:
+            set_position(position)
+            return call(agent, name)
+
+    return call_at
 
 
 def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutError:
@@ -177,19 +329,29 @@ class Step:
         self.args = args
         self.kwargs = kwargs
         self.call = _make_call(method, args, kwargs)
+        #: ``call`` with the agent's position set first (see :func:`_make_call_at`).
+        self.call_at = _make_call_at(self.call, not args and not kwargs)
+        self.plain = not args and not kwargs  # the method is called without arguments
         self.cfg = cfg
         self.mode = mode
         self.lock = threading.Lock()
-        self.turns = Turnstile(self.n)
+        self.turns = Turnstile(self.n, self.agent_at)
         self._next = itertools.count().__next__
         self.stop = False
         #: Set with ``stop`` (see :meth:`halt`): wakes runners waiting for a start slot.
         self.halted = threading.Event()
         self._halt_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
-        #: The caller's context: every agent runs in a copy of it, in every mode.
+        #: The caller's context: every agent runs in a copy of it, in every mode. The
+        #: step's turnstile is set in it once; each copy gets the agent's position.
         self.context = contextvars.copy_context()
+        self.context.run(current_turnstile.set, self.turns)
+        #: What inline agents' copies are made from: their position is on the turnstile.
+        self.inline_context = self.context.copy()
+        self.inline_context.run(current_position.set, INLINE_POSITION)
         #: The model whose step this is (None for agents without one).
         self.model: Any = None
+        #: How the step decides where each class runs (set when the step starts).
+        self.dispatch: _Dispatch | None = None
         #: An error that ends the whole step once its agents are done (not an agent's).
         self.fatal: BaseException | None = None
         self.started = 0
@@ -203,6 +365,11 @@ class Step:
         self.ended_at: float | None = None
         self.interrupted = False
         self.progress = _progress_bar(self.n, mode) if cfg.progress and self.n else None
+
+    def agent_at(self, position: int) -> Any:
+        """The agent at ``position``, whether or not it is still a member of its set."""
+        entry = self.entries[position]
+        return entry() if isinstance(entry, weakref.ref) else entry
 
     # -- stopping -------------------------------------------------------------------
     def halt(self) -> None:
@@ -321,6 +488,7 @@ class Step:
                 max_concurrency=self.cfg.max_concurrency,
                 interrupted=self.interrupted,
                 stuck_threads=stuck_threads(),
+                placement=self.dispatch.placements() if self.dispatch is not None else (),
             )
 
     def close(self, model: Any, *, interrupted: bool = False) -> StepReport:
@@ -387,229 +555,629 @@ def raise_failures(report: StepReport) -> None:
 async def run_step_async(step: Step, *, nested: bool | None = None) -> None:
     """Run ``step`` concurrently on the running loop.
 
-    ``nested`` says whether the step was started from one of the library's pool
-    workers (default: whether the current thread is one). Sync agents of a nested step
-    run inline, in that worker: sending them to the pool could wait forever for a
-    worker that is itself waiting for them.
+    ``nested`` says whether the step was started from inside an agent that holds a pool
+    thread (default: :func:`in_nested_step`). Sync agents of a nested step run inline,
+    right there: sending them to the pool could wait forever for a worker that is
+    itself waiting for them.
     """
     if step.n == 0:
         return
     if nested is None:
         nested = in_nested_step()
-    cfg = step.cfg
-    sync_kind = _INLINE if (cfg.run_sync_inline or nested) else _POOL
-    dispatch = _Dispatch(step.method, threading_mode=False, sync_kind=sync_kind)
-    loop = asyncio.get_running_loop()
-    timeout = cfg.timeout
-    call = step.call
-    lease: Any = None
-    executor: WorkerPool | None = None
-    # Sync agents start only when a pool worker is free for them: waiting in the pool's
-    # queue would count as running (for timeouts and the report) and would skip the
-    # membership check that Mesa makes right before stepping an agent.
-    workers: asyncio.Semaphore | None = None
+    await _AsyncStep(step, asyncio.get_running_loop(), nested=nested).run()
 
-    # The runners share this thread, so they update the step's counters directly,
-    # without the lock and the method calls that threading mode needs: this loop is
-    # the hot path of a step of many fast agents.
-    next_position = step._next
-    entries, resolve, n = step.entries, step.resolve, step.n
-    pass_turn = step.turns.pass_turn
-    turns = step.turns
-    rate = cfg.rate_limit
-    progress = step.progress
-    perf_counter = time.perf_counter
-    set_turn, reset_turn = current_turn.set, current_turn.reset
-    decisions = dispatch.decisions
-    args, kwargs = step.args, step.kwargs
 
-    async def runner() -> None:
-        nonlocal lease, executor, workers
-        while not step.stop:
-            if rate:
-                # The slot first, then the decision: an agent starts only if the step
-                # still runs once its slot has come; an unused slot is given back.
-                slot, delay = limiter.reserve(rate)
-                try:
-                    if delay:
-                        await step.wait_halted(delay)
-                except BaseException:
-                    limiter.give_back(slot, rate)
-                    raise
-                position = n if step.stop else next_position()
-                if position >= n:
-                    limiter.give_back(slot, rate)
-                    return
+#: Longest run of inline agents (seconds) before the loop gets a turn: completions of
+#: agents in flight, Ctrl-C and the heartbeat are handled between slices.
+_INLINE_SLICE: Final = 0.005
+
+
+class _ExpiredError(Exception):
+    """An async agent overran its timeout (raised by :func:`_bounded`, never seen outside)."""
+
+
+async def _bounded(coro: Coroutine[Any, Any, Any], seconds: float) -> None:
+    """Await ``coro`` with a timeout, telling its expiry apart from the agent's own errors."""
+    deadline = asyncio.timeout(seconds)
+    try:
+        async with deadline:
+            await coro
+    except Exception as exc:
+        if deadline.expired():
+            raise _ExpiredError from exc
+        raise
+
+
+def _in_position(position: int, call: Callable[..., Any], agent: Any, name: str | None) -> Any:
+    """Call one agent with its position set (run inside the agent's own context copy)."""
+    current_position.set(position)
+    return call(agent, name)
+
+
+def _pool_job(
+    position: int,
+    call: Callable[..., Any],
+    agent: Any,
+    name: str | None,
+    record: placement.ClassRecord | None,
+) -> None:
+    """A sync agent in a worker thread; its duration feeds the class's record."""
+    current_position.set(position)
+    if record is None:
+        call(agent, name)
+        return
+    started = time.perf_counter()
+    try:
+        call(agent, name)
+    finally:
+        record.observe(time.perf_counter() - started)
+
+
+class _SlotWait:
+    """A start waiting for its rate slot (see ``rate_limit``)."""
+
+    __slots__ = ("slot", "timer")
+
+    def __init__(self, slot: float) -> None:
+        self.slot = slot
+        self.timer: asyncio.TimerHandle | None = None
+
+
+class _PoolCall:
+    """A sync agent sent to the thread pool in asyncio mode; the pool's job itself.
+
+    The job reports back to the loop by itself and then drops what it ran: a worker
+    thread may hold its last job (and its future) a moment after the call returned,
+    and by then neither may lead to the step, its agents or the model.
+    """
+
+    __slots__ = (
+        "agent",
+        "ended",
+        "error",
+        "holds_worker",
+        "job",
+        "owner",
+        "position",
+        "timer",
+        "work",
+    )
+
+    def __init__(self, position: int, agent: Any, owner: _AsyncStep, work: tuple[Any, ...]) -> None:
+        self.position = position
+        self.agent = agent
+        #: The step that waits for it; cleared on the loop when the result is taken.
+        self.owner: _AsyncStep | None = owner
+        #: (context, call, method name, class record, loop)
+        self.work: tuple[Any, ...] | None = work
+        self.job: concurrent.futures.Future[None] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.error: BaseException | None = None
+        self.ended = False  # its result (or timeout) has been recorded
+        self.holds_worker = True  # its worker is given back when the thread returns
+
+    def __call__(self) -> None:
+        """In a worker thread: run the agent, then hand this call back to the loop."""
+        work, self.work = self.work, None
+        context, call, name, record, loop = work  # type: ignore[misc]
+        try:
+            context.run(_pool_job, self.position, call, self.agent, name, record)
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            del work, context, call, record
+            with contextlib.suppress(RuntimeError):  # the loop may be closed by then
+                loop.call_soon_threadsafe(_pool_call_returned, self)
+
+
+def _pool_call_returned(call: _PoolCall) -> None:
+    """On the loop: hand a returned pool call to its step (once)."""
+    owner, call.owner = call.owner, None
+    if owner is not None:
+        owner._pool_done(call)
+
+
+class _AsyncStep:
+    """One asyncio-mode step on its loop.
+
+    Agents start in list order while fewer than ``k`` are active (in flight, or about
+    to start: waiting for a rate slot or a free pool worker). There is no task per
+    runner: an async agent is one task, created in its own copy of the caller's
+    context, whose done callback records it and starts the next agent; a sync agent in
+    the pool is one job whose completion comes back to the loop the same way; an
+    inline agent is called right in the start loop, one after another, so a run of
+    cheap agents costs a call each and a few counter updates (the loop gets a turn
+    every :data:`_INLINE_SLICE`).
+    """
+
+    def __init__(self, step: Step, loop: asyncio.AbstractEventLoop, *, nested: bool) -> None:
+        cfg = step.cfg
+        self.step = step
+        self.loop = loop
+        self.dispatch = step.dispatch = _Dispatch(
+            step.method, threading_mode=False, cfg=cfg, nested=nested
+        )
+        self.k = min(step.n, cfg.max_concurrency or step.n)
+        self.rate = cfg.rate_limit
+        self.timeout = cfg.timeout
+        #: Agents in flight plus starts waiting for a rate slot or for a pool worker.
+        self.active = 0
+        self.exhausted = False  # every position has been claimed
+        self.fill_pending = False  # a slice of the start loop is scheduled
+        self.drain_pending = False  # a slice of the worker queue's drain is scheduled
+        self.stopping = False  # the step is being abandoned (interrupt, cancellation)
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.slot_waits: set[_SlotWait] = set()
+        self.pool_calls: set[_PoolCall] = set()
+        self.waiting_for_worker: collections.deque[int] = collections.deque()
+        self.free_workers = 0
+        self.lease: Any = None
+        self.executor: WorkerPool | None = None
+        #: Full garbage collections counted at the start of the current slice.
+        self.collections_seen = -1
+        self.done = loop.create_future()
+        self.starts = array.array("d", bytes(8 * step.n))  # start time by position
+        self._task_done_cb = self._task_done
+
+    # -- the driver -------------------------------------------------------------------
+    async def run(self) -> None:
+        step = self.step
+        heartbeat = None
+        if threading.current_thread() is threading.main_thread():
+            heartbeat = self.loop.create_task(_heartbeat())
+        try:
+            self._fill()
+            await self.done
+        except BaseException:
+            self.stopping = True
+            step.halt()
+            self._drop_waiting()
+            tasks = list(self.tasks)
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.wait(tasks)
+            if self.pool_calls:
+                pool.replace()  # sync agents still running keep their workers; do not wait
+            raise
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+            step.halt()
+            for call in self.pool_calls:
+                if call.timer is not None:
+                    call.timer.cancel()
+            if self.lease is not None:
+                self.lease.__exit__(None, None, None)
+
+    def _settle(self) -> None:
+        """After any change: start more agents, drop waiting starts, or end the step."""
+        if self.stopping:
+            return
+        if self.step.stop:
+            self._drop_waiting()
+        elif not self.exhausted and self.active < self.k and not self.fill_pending:
+            self._fill()
+            return
+        if self.active == 0 and not self.fill_pending and not self.done.done():
+            self.done.set_result(None)
+
+    def _drop_waiting(self) -> None:
+        """The step stopped: starts waiting for a slot or a worker will not happen."""
+        rate = self.rate
+        for wait in self.slot_waits:
+            wait.timer.cancel()  # type: ignore[union-attr]
+            limiter.give_back(wait.slot, rate)  # type: ignore[arg-type]
+        self.active -= len(self.slot_waits) + len(self.waiting_for_worker)
+        self.slot_waits.clear()
+        while self.waiting_for_worker:
+            self.step.turns.pass_turn(self.waiting_for_worker.popleft())
+
+    # -- starting agents --------------------------------------------------------------
+    def _fill(self) -> None:
+        """Start agents in order while fewer than ``k`` are active (a slice at a time).
+
+        Inline agents are called right in this loop: this is the hot path of a step of
+        many cheap agents, so it reads everything from locals and does per agent only
+        what the report and the turns need.
+        """
+        self.fill_pending = False
+        step = self.step
+        if self.rate:
+            self._fill_rated()
+            return
+        next_position, n, k = step._next, step.n, self.k
+        entries, resolve, decisions = step.entries, step.resolve, self.dispatch.decisions
+        owner = getattr(resolve, "agentset", None)  # a set of strong members: checked here
+        turns = step.turns
+        pass_turn, call, copy = turns.pass_turn, step.call, step.inline_context.copy
+        passed = turns.passed_marks()
+        plain = step.plain
+        progress, perf_counter = step.progress, time.perf_counter
+        stall_bound = placement.STALL_BOUND
+        now = perf_counter()
+        sliced_at = now + _INLINE_SLICE
+        self.collections_seen = placement.full_collections()
+        # Inline agents' counts, added to the step's in one go (see flush below).
+        ran = busy = 0.0
+        done = 0
+        while self.active < k and not step.stop:
+            position = next_position()
+            if position >= n:
+                self.exhausted = True
+                break
+            entry = entries[position]
+            if owner is not None:
+                agent = entry if entry in owner._agents else None
             else:
-                position = next_position()
-                if position >= n:
-                    return
-            agent = resolve(entries[position])
-            if agent is None:
+                agent = resolve(entry)
+            if agent is None:  # removed earlier in the step: Mesa's loop skips it
                 step.skipped += 1
                 pass_turn(position)
                 continue
-            decided = decisions.get(type(agent))
-            if decided is None:
-                try:
-                    decided = dispatch(agent)
-                except Exception as exc:  # no such method on this agent
-                    step.finish(position, agent, step.start(), exc)
-                    continue
-            kind, name = decided
-            if kind == _POOL:
-                if workers is None:
-                    try:
-                        check_stuck_threads(cfg.max_workers)
-                    except StuckThreadsError as stuck:  # no thread for it: nothing more starts
-                        step.fatal = stuck
-                        step.halt()
-                        pass_turn(position)
-                        return
-                    workers = asyncio.Semaphore(cfg.max_workers)
-                    lease = pool.lease(cfg.max_workers)
-                    executor = lease.__enter__()
-                await workers.acquire()
-                if step.stop:  # the step stopped while this agent waited for a worker
-                    workers.release()
-                    pass_turn(position)
-                    return
-                agent = resolve(entries[position])  # removed while waiting for a worker?
-                if agent is None:
-                    workers.release()
-                    step.skipped += 1
-                    pass_turn(position)
-                    continue
-            step.started += 1
-            step.in_flight += 1
-            if step.in_flight > step.peak_in_flight:
-                step.peak_in_flight = step.in_flight
-            turn = set_turn((turns, position, agent))
-            deadline = None
-            worker: _WorkerSlot | None = None
-            job: concurrent.futures.Future[None] | None = None
-            started = perf_counter()
+            decision = decisions.get(type(agent))
+            if decision is None or not (
+                decision.inline or (decision.record is not None and decision.record.inline)
+            ):
+                if ran:
+                    self._flush_inline(ran, done, busy)
+                    ran = busy = 0.0
+                    done = 0
+                self._start_agent(position, agent, decision)
+                now = perf_counter()
+                continue
+            # An inline agent, in its own copy of the caller's context.
+            started = now
+            ran += 1
+            name = decision.name
             try:
-                if kind == _AWAIT:
-                    awaitable: Any = (
-                        getattr(agent, name)(*args, **kwargs) if name else call(agent, name)
-                    )
-                elif kind == _POOL:
-                    worker = _WorkerSlot(workers, loop)  # type: ignore[arg-type]
-                    # The job runs in a copy of this context: the caller's context
-                    # variables, and in_turn, work there too.
-                    job = executor.submit(  # type: ignore[union-attr]
-                        functools.partial(contextvars.copy_context().run, call, agent, name)
-                    )
-                    awaitable = asyncio.wrap_future(job)
-                    # If this step stops waiting (timeout, interrupt), the worker is
-                    # released when its thread really returns.
-                    job.add_done_callback(worker.release_from_thread)
-                elif kind == _NOOP:
-                    awaitable = None
+                if decision.kind == _NOOP:
                     call(agent, name)
-                else:  # inline user code, in its own copy of the context, as in a thread
-                    awaitable = None
-                    contextvars.copy_context().run(call, agent, name)
-                if awaitable is None:
-                    pass
-                elif timeout is None:
-                    await awaitable
                 else:
-                    async with asyncio.timeout(timeout) as deadline:
-                        await awaitable
+                    turns.inline_position = position
+                    if plain and name is not None:
+                        copy().run(getattr(agent, name))
+                    else:
+                        copy().run(call, agent, name)
+                    turns.inline_position = -1
             except Exception as exc:
-                if deadline is not None and deadline.expired():
-                    in_thread = kind == _POOL
-                    error = _timeout_error(agent, timeout, in_thread=in_thread)  # type: ignore[arg-type]
-                    error.__cause__ = exc
-                    if in_thread and job.cancel():  # type: ignore[union-attr]
-                        # Still queued (another step held the pool's threads): it never
-                        # runs now, and its worker slot is free again.
-                        worker.release()  # type: ignore[union-attr]
-                    elif in_thread and not job.done():  # type: ignore[union-attr]
-                        # Its thread cannot be stopped: the pool gives up on it and the
-                        # step gets its worker back at once (a spare thread takes over).
-                        try:
-                            abandoned = executor.abandon(job, repr(agent), cfg.max_workers)  # type: ignore[union-attr, arg-type]
-                        except StuckThreadsError as stuck:
-                            abandoned = True
-                            step.fatal = stuck
-                            step.halt()
-                        if abandoned:
-                            worker.release()  # type: ignore[union-attr]
-                    step.finish(position, agent, started, error, timed_out=True)
-                else:
-                    step.finish(position, agent, started, exc)
-            else:  # Step.finish for a success, inlined
-                step.in_flight -= 1
-                step.busy_time += perf_counter() - started
-                step.completed += 1
-                if progress is not None:
-                    progress.update(1)
+                turns.inline_position = -1
+                self._flush_inline(ran, done, busy)
+                ran = busy = 0.0
+                done = 0
+                step.in_flight += 1
+                step.finish(position, agent, started, exc)
+                now = perf_counter()
+                continue
+            now = perf_counter()
+            took = now - started
+            busy += took
+            done += 1
+            passed[position] = 1  # the turn passes: the write, then the check (see Turnstile)
+            if turns.tracking:
                 pass_turn(position)
-            finally:
-                try:  # noqa: SIM105 - the hot path: no context manager
-                    reset_turn(turn)
-                except ValueError:  # closed outside its task (destroyed while pending)
-                    pass
-                if worker is not None and job is not None and job.done():
-                    worker.release()  # after finish(): the count of agents in flight is exact
+            if progress is not None:
+                progress.update(1)
+            if decision.inline:
+                decision.ran += 1
+            else:
+                decision.ran_inline += 1
+                if took > stall_bound:
+                    self._stalled(decision, took)
+            if now > sliced_at:
+                # A long run of inline agents: let the loop breathe, then go on.
+                self._flush_inline(ran, done, busy)
+                self.fill_pending = True
+                self.loop.call_soon(self._fill)
+                return
+        if ran:
+            self._flush_inline(ran, done, busy)
+        self._settle()
 
-    heartbeat = None
-    if threading.current_thread() is threading.main_thread():
-        heartbeat = loop.create_task(_heartbeat())
-    try:
-        k = min(step.n, cfg.max_concurrency or step.n)
-        if k == 1:
-            await runner()
+    def _flush_inline(self, ran: float, done: int, busy: float) -> None:
+        """Add a run of inline agents to the step's counts (one was in flight at a time)."""
+        step = self.step
+        step.started += int(ran)
+        step.completed += done
+        step.busy_time += busy
+        if step.in_flight >= step.peak_in_flight:
+            step.peak_in_flight = step.in_flight + 1
+
+    def _stalled(self, decision: _Decision, took: float) -> None:
+        """An inline call of a measured class blocked the loop: back to the pool."""
+        collections_now = placement.full_collections()
+        if collections_now == self.collections_seen:  # not a full collection's pause
+            decision.record.stall(took)  # type: ignore[union-attr]
+        self.collections_seen = collections_now
+
+    def _fill_rated(self) -> None:
+        """:meth:`_fill` with a rate limit: every start waits for its slot."""
+        step = self.step
+        rate = self.rate
+        while self.active < self.k and not step.stop:
+            # The slot first, then the position: an agent starts only if the step
+            # still runs once its slot has come; an unused slot is given back.
+            slot, delay = limiter.reserve(rate)  # type: ignore[arg-type]
+            if delay:
+                self.active += 1
+                wait = _SlotWait(slot)
+                wait.timer = self.loop.call_later(delay, self._slot_due, wait)
+                self.slot_waits.add(wait)
+                continue
+            position = step._next()
+            if position >= step.n:
+                limiter.give_back(slot, rate)  # type: ignore[arg-type]
+                self.exhausted = True
+                break
+            self._start(position)
+        self._settle()
+
+    def _slot_due(self, wait: _SlotWait) -> None:
+        """A rate slot has come: start the next agent in it (if the step still runs)."""
+        if wait not in self.slot_waits:
+            return  # dropped meanwhile (the step stopped) and given back already
+        self.slot_waits.discard(wait)
+        self.active -= 1
+        step = self.step
+        position = step.n if step.stop else step._next()
+        if position >= step.n:
+            limiter.give_back(wait.slot, self.rate)  # type: ignore[arg-type]
+            self.exhausted = True
         else:
-            await _run_all(loop, runner, k)
-    except BaseException:
-        if workers is not None and step.in_flight:
-            pool.replace()  # sync agents still running keep their workers; do not wait on them
-        raise
-    finally:
-        if heartbeat is not None:
-            heartbeat.cancel()
-        step.halt()
-        if lease is not None:
-            lease.__exit__(None, None, None)
+            self._start(position)
+        self._settle()
 
-
-async def _run_all(
-    loop: asyncio.AbstractEventLoop, runner: Callable[[], Coroutine[Any, Any, None]], k: int
-) -> None:
-    """Run ``k`` runners as tasks and wait for all of them.
-
-    What ``asyncio.gather`` does, minus its per-task bookkeeping (the runners catch
-    their agents' exceptions and return nothing): one shared counter and one future.
-    If the wait is cancelled or a runner raises (an interrupt), every runner is
-    cancelled and awaited before the exception propagates.
-    """
-    remaining = k
-    all_done = loop.create_future()
-
-    def one_done(task: asyncio.Task[None]) -> None:
-        nonlocal remaining
-        remaining -= 1
-        if all_done.done():
+    def _start(self, position: int) -> None:
+        """Start the agent at ``position`` (outside the hot loop of :meth:`_fill`)."""
+        step = self.step
+        agent = step.resolve(step.entries[position])
+        if agent is None:  # removed earlier in the step: Mesa's loop skips it
+            step.skipped += 1
+            step.turns.pass_turn(position)
             return
-        if not task.cancelled() and task.exception() is not None:
-            all_done.set_exception(task.exception())  # type: ignore[arg-type]
-        elif remaining == 0:
-            all_done.set_result(None)
+        self._start_agent(position, agent, self.dispatch.decisions.get(type(agent)))
 
-    tasks = [loop.create_task(runner()) for _ in range(k)]
-    for task in tasks:
-        task.add_done_callback(one_done)
-    try:
-        await all_done
-    except BaseException:
-        for task in tasks:
-            task.cancel()
-        await asyncio.wait(tasks)
-        raise
+    def _start_agent(self, position: int, agent: Any, decision: _Decision | None) -> None:
+        """Start one agent where its class runs."""
+        step = self.step
+        if decision is None:
+            try:
+                decision = self.dispatch(agent)
+            except Exception as exc:  # no such method on this agent
+                step.finish(position, agent, step.start(), exc)
+                return
+        kind = decision.kind
+        if kind == _AWAIT:
+            self._start_task(position, agent, decision)
+        elif kind == _POOL or (kind == _AUTO and not decision.record.inline):  # type: ignore[union-attr]
+            self._start_in_pool(position, agent, decision)
+        else:
+            self._run_inline(position, agent, decision)
+
+    def _begin(self, position: int) -> float:
+        """Count the agent at ``position`` as started and in flight; its start time."""
+        step = self.step
+        step.started += 1
+        step.in_flight += 1
+        if step.in_flight > step.peak_in_flight:
+            step.peak_in_flight = step.in_flight
+        started = self.starts[position] = time.perf_counter()
+        return started
+
+    def _succeeded(self, position: int, started: float) -> None:
+        """:meth:`Step.finish` for a success, inlined: the runners share one thread."""
+        step = self.step
+        step.in_flight -= 1
+        step.busy_time += time.perf_counter() - started
+        step.completed += 1
+        if step.progress is not None:
+            step.progress.update(1)
+        step.turns.pass_turn(position)
+
+    def _run_inline(self, position: int, agent: Any, decision: _Decision) -> None:
+        """Call a sync agent right here, in its own copy of the caller's context."""
+        step = self.step
+        started = self._begin(position)
+        try:
+            if decision.kind == _NOOP:
+                step.call(agent, decision.name)
+            else:
+                step.context.copy().run(step.call_at, position, agent, decision.name)
+        except Exception as exc:
+            step.finish(position, agent, started, exc)
+        else:
+            self._succeeded(position, started)
+        if decision.inline:
+            decision.ran += 1
+        else:
+            decision.ran_inline += 1
+            took = time.perf_counter() - started
+            if took > placement.STALL_BOUND:
+                self._stalled(decision, took)
+
+    def _start_task(self, position: int, agent: Any, decision: _Decision) -> None:
+        """Start an async agent as a task of its own."""
+        step = self.step
+        decision.ran += 1
+        context = step.context.copy()
+        context.run(current_position.set, position)
+        started = self._begin(position)
+        try:
+            name = decision.name
+            coro = (
+                getattr(agent, name)(*step.args, **step.kwargs) if name else step.call(agent, None)
+            )
+            if self.timeout is not None:
+                coro = _bounded(coro, self.timeout)
+            task = self.loop.create_task(coro, context=context)
+        except Exception as exc:
+            step.finish(position, agent, started, exc)
+            return
+        self.active += 1
+        self.tasks.add(task)
+        task.add_done_callback(self._task_done_cb, context=context)
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
+        if self.stopping:
+            return
+        step = self.step
+        position = task.get_context()[current_position]
+        self.active -= 1
+        if task.cancelled():
+            error: BaseException | None = RuntimeError(
+                "the agent's step was cancelled (not by mesa_llm_parallel)"
+            )
+        else:
+            error = task.exception()
+        if error is None:
+            self._succeeded(position, self.starts[position])
+        elif isinstance(error, Exception):
+            agent = step.agent_at(position)
+            if isinstance(error, _ExpiredError):
+                expired = _timeout_error(agent, self.timeout, in_thread=False)  # type: ignore[arg-type]
+                expired.__cause__ = error.__cause__
+                step.finish(position, agent, self.starts[position], expired, timed_out=True)
+            else:
+                step.finish(position, agent, self.starts[position], error)
+        else:  # KeyboardInterrupt, SystemExit: the whole step ends with it
+            if not self.done.done():
+                self.done.set_exception(error)
+            return
+        self._settle()
+
+    def _start_in_pool(self, position: int, agent: Any, decision: _Decision) -> None:
+        """Send a sync agent to the pool when a worker is free for it (else queue it).
+
+        Waiting in the pool's own queue would count as running (for timeouts and the
+        report) and would skip the membership check Mesa makes right before each agent.
+        """
+        if self.executor is None and not self._lease_pool(position):
+            return
+        if not self.free_workers:
+            self.active += 1
+            self.waiting_for_worker.append(position)
+            return
+        step = self.step
+        self.free_workers -= 1
+        decision.ran += 1
+        work = (step.context.copy(), step.call, decision.name, decision.record, self.loop)
+        call = _PoolCall(position, agent, self, work)
+        self._begin(position)
+        self.active += 1
+        self.pool_calls.add(call)
+        call.job = self.executor.submit(call)  # type: ignore[union-attr]
+        if self.timeout is not None:
+            call.timer = self.loop.call_later(self.timeout, self._pool_expired, call)
+
+    def _lease_pool(self, position: int) -> bool:
+        cfg = self.step.cfg
+        try:
+            check_stuck_threads(cfg.max_workers)
+        except StuckThreadsError as stuck:  # no thread for it: nothing more starts
+            self.step.fatal = stuck
+            self.step.halt()
+            self.step.turns.pass_turn(position)
+            return False
+        self.lease = pool.lease(cfg.max_workers)
+        self.executor = self.lease.__enter__()
+        self.free_workers = cfg.max_workers
+        return True
+
+    def _pool_done(self, call: _PoolCall) -> None:
+        """On the loop: record a pool agent's result and give its worker back."""
+        self.pool_calls.discard(call)
+        if call.timer is not None:
+            call.timer.cancel()
+        error, call.error = call.error, None
+        if not call.ended and not self.stopping:
+            call.ended = True
+            self.active -= 1
+            if error is None:
+                self._succeeded(call.position, self.starts[call.position])
+            elif isinstance(error, Exception):
+                self.step.finish(call.position, call.agent, self.starts[call.position], error)
+            elif not self.done.done():  # KeyboardInterrupt, SystemExit in the thread
+                self.done.set_exception(error)
+        call.agent = call.job = None
+        if call.holds_worker:
+            call.holds_worker = False
+            self._worker_free()
+        else:
+            self._settle()
+
+    def _pool_expired(self, call: _PoolCall) -> None:
+        """A pool agent overran its timeout: record it; free its worker if possible."""
+        if call.ended or self.stopping:
+            return
+        step = self.step
+        call.ended = True
+        self.active -= 1
+        job = call.job
+        error = _timeout_error(call.agent, self.timeout, in_thread=True)  # type: ignore[arg-type]
+        release = False
+        if job.cancel():  # type: ignore[union-attr]
+            release = True  # still queued (another step held the threads): never runs
+            self.pool_calls.discard(call)
+            call.work = call.owner = None
+        elif not job.done():  # type: ignore[union-attr]
+            # Its thread cannot be stopped: the pool gives up on it and the step gets
+            # its worker back at once (a spare thread takes over).
+            try:
+                release = self.executor.abandon(job, repr(call.agent), step.cfg.max_workers)  # type: ignore[union-attr, arg-type]
+            except StuckThreadsError as stuck:
+                release = True
+                step.fatal = stuck
+                step.halt()
+        step.finish(call.position, call.agent, self.starts[call.position], error, timed_out=True)
+        if release and call.holds_worker:
+            call.holds_worker = False
+            self._worker_free()
+        else:
+            self._settle()
+
+    def _worker_free(self) -> None:
+        """A pool worker is free: give it to the first agent waiting for one."""
+        self.free_workers += 1
+        self._drain()
+
+    def _drain(self) -> None:
+        """Start the agents waiting for a worker, in order, as far as possible.
+
+        A waiting agent whose class has meanwhile been measured cheap runs inline
+        instead (a class is observed in the pool first: in a step of many such agents,
+        most of them are queued here by the time it is judged).
+        """
+        self.drain_pending = False
+        step = self.step
+        queue = self.waiting_for_worker
+        decisions = self.dispatch.decisions
+        sliced_at = time.perf_counter() + _INLINE_SLICE
+        while queue and not step.stop:
+            position = queue[0]
+            agent = step.resolve(step.entries[position])  # removed while it waited?
+            if agent is None:
+                queue.popleft()
+                self.active -= 1
+                step.skipped += 1
+                step.turns.pass_turn(position)
+                continue
+            decision = decisions[type(agent)]
+            if decision.runs_inline():
+                queue.popleft()
+                self.active -= 1
+                self._run_inline(position, agent, decision)
+                if time.perf_counter() > sliced_at and queue:
+                    self.drain_pending = True
+                    self.loop.call_soon(self._drain)
+                    return
+            elif self.free_workers:
+                queue.popleft()
+                self.active -= 1
+                self._start_in_pool(position, agent, decision)
+            else:
+                break
+        self._settle()
 
 
 async def _heartbeat() -> None:
@@ -620,25 +1188,6 @@ async def _heartbeat() -> None:
     """
     while True:  # noqa: ASYNC110 - a timer, not a wait for a condition
         await asyncio.sleep(_SIGNAL_CHECK_INTERVAL)
-
-
-class _WorkerSlot:
-    """One sync agent's claim on a pool worker in asyncio mode, released exactly once."""
-
-    __slots__ = ("_loop", "_semaphore")
-
-    def __init__(self, semaphore: asyncio.Semaphore, loop: asyncio.AbstractEventLoop) -> None:
-        self._semaphore: asyncio.Semaphore | None = semaphore
-        self._loop = loop
-
-    def release(self) -> None:
-        semaphore, self._semaphore = self._semaphore, None
-        if semaphore is not None:
-            semaphore.release()
-
-    def release_from_thread(self, _: object) -> None:
-        with contextlib.suppress(RuntimeError):  # the loop may be closed by then
-            self._loop.call_soon_threadsafe(self.release)
 
 
 # -- threading mode -----------------------------------------------------------------
@@ -686,13 +1235,15 @@ def _run_threaded_agent(
 ) -> tuple[BaseException | None, bool]:
     """Run one agent in a threading-mode runner; return (its error or None, timed out)."""
     timeout = step.cfg.timeout
-    current_turn.set((step.turns, position, agent))  # in this agent's own context
+    current_position.set(position)  # in this agent's own context
     try:
-        kind, name = dispatch(agent)
+        decision = dispatch(agent)
+        kind = decision.kind
         with step.lock:
             me.agent, me.position, me.started = agent, position, started
             me.on_loop = kind == _ON_THREAD_LOOP
-        result = step.call(agent, name)
+            decision.ran += 1
+        result = step.call(agent, decision.name)
         if kind == _ON_THREAD_LOOP and _run_on_home_loop(step, result, timeout):
             return _timeout_error(agent, timeout, in_thread=False), True  # type: ignore[arg-type]
     except Exception as exc:
@@ -760,7 +1311,7 @@ def run_step_threaded(step: Step) -> None:
     if step.n == 0:
         return
     cfg = step.cfg
-    dispatch = _Dispatch(step.method, threading_mode=True, sync_kind=_INLINE)
+    dispatch = step.dispatch = _Dispatch(step.method, threading_mode=True, cfg=cfg)
     if in_nested_step():
         # A step started from inside an agent that holds a pool thread (an agent
         # stepping its sub-agents) runs right here: waiting for free workers could
@@ -965,7 +1516,8 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
     recovery.arm(model)
     try:
         try:
-            yield
+            with scaled_collector(step.n):
+                yield
         except BaseException:
             step.close(model, interrupted=True)
             raise
@@ -1001,7 +1553,7 @@ def run_step_sync(step: Step, model: Any) -> None:
                 # Refused before anything ran: too many blocking steps already wait on
                 # this loop. Run this one right here, without a loop: sync methods one
                 # after another; an async-only agent here fails with that error.
-                dispatch = _Dispatch(step.method, threading_mode=True, sync_kind=_INLINE)
+                dispatch = step.dispatch = _Dispatch(step.method, threading_mode=True, cfg=step.cfg)
                 _run_threaded_runner(step, _Runner(), dispatch)
 
 

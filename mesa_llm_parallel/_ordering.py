@@ -18,17 +18,43 @@ import contextvars
 import os
 import threading
 import weakref
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Turnstile", "in_turn", "shared_lock"]
+from mesa_llm_parallel._placement import note_in_turn
 
-#: The turn of the agent whose step is running in this context: (turnstile, position,
-#: agent), or None outside a parallel step. Set by the engine for each agent, in the
-#: agent's own task or thread; tasks the agent creates inherit it.
-current_turn: contextvars.ContextVar[tuple[Turnstile, int, Any] | None] = contextvars.ContextVar(
-    "mesa_llm_parallel_turn", default=None
+__all__ = [
+    "INLINE_POSITION",
+    "Turnstile",
+    "current_position",
+    "current_turnstile",
+    "in_turn",
+    "shared_lock",
+]
+
+#: The turnstile of the parallel step whose agents run in this context, or None outside
+#: a parallel step. Set once per step, in the context every agent's own copy is made from.
+current_turnstile: contextvars.ContextVar[Turnstile | None] = contextvars.ContextVar(
+    "mesa_llm_parallel_turnstile", default=None
 )
+
+#: The position of the agent whose step runs in this context (-1 outside an agent). Set
+#: by the engine in each agent's own copy of the context; tasks the agent creates
+#: inherit it. A plain int: nothing per agent for the garbage collector to scan.
+current_position: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "mesa_llm_parallel_position", default=-1
+)
+
+
+#: ``current_position`` of an agent called inline by the engine: its position is then
+#: the turnstile's ``inline_position`` (one agent runs inline at a time per step, and
+#: setting a context variable per agent would cost more than the call of a cheap agent).
+INLINE_POSITION = -2
+
+
+def _no_agent(position: int) -> Any:
+    return None
 
 
 class Turnstile:
@@ -41,15 +67,37 @@ class Turnstile:
     worked out only once it is needed.
     """
 
-    __slots__ = ("_active", "_async_waiters", "_cond", "_frontier", "_lock", "_passed")
+    __slots__ = (
+        "_async_waiters",
+        "_cond",
+        "_frontier",
+        "_lock",
+        "_passed",
+        "agent_at",
+        "inline_position",
+        "tracking",
+    )
 
-    def __init__(self, n: int) -> None:
+    def __init__(self, n: int, agent_at: Callable[[int], Any] = _no_agent) -> None:
         self._passed = bytearray(n)
-        self._frontier = 0  # while active: every position below it has passed
-        self._active = False
+        #: The agent at a position (removed from its set or not), for ``in_turn``.
+        self.agent_at = agent_at
+        #: The position of the agent being called inline right now, or -1.
+        self.inline_position = -1
+        self._frontier = 0  # while tracking: every position below it has passed
+        #: Whether an agent has asked for its turn (passing one then wakes waiters).
+        self.tracking = False
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._async_waiters: list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
+
+    def passed_marks(self) -> bytearray:
+        """The pass marks by position.
+
+        A turn may be passed by writing 1 at its position and then, if :attr:`tracking`,
+        calling :meth:`pass_turn` (in that order).
+        """
+        return self._passed
 
     def is_passed(self, position: int) -> bool:
         """Whether ``position`` has had its turn (or ended its step)."""
@@ -57,8 +105,8 @@ class Turnstile:
 
     def _activate(self) -> None:
         """Start tracking the frontier (called with the lock held)."""
-        if not self._active:
-            self._active = True
+        if not self.tracking:
+            self.tracking = True
             self._advance()
 
     def _advance(self) -> list[tuple[int, asyncio.AbstractEventLoop, asyncio.Future[None]]]:
@@ -80,7 +128,7 @@ class Turnstile:
         self._passed[position] = 1
         # Checked after the write: either the activating thread saw the write, or this
         # thread sees the activation and advances the frontier itself.
-        if not self._active:
+        if not self.tracking:
             return
         with self._lock:
             waking = self._advance()
@@ -134,15 +182,24 @@ class _Turn:
         self._slot: tuple[Turnstile, int] | None = None
 
     def _claim(self) -> tuple[Turnstile, int] | None:
-        turn = current_turn.get()
-        if turn is None:
+        turnstile = current_turnstile.get()
+        position = current_position.get()
+        if turnstile is None or position == -1:
             return None  # not in a parallel step: Mesa steps agents one at a time anyway
-        turnstile, position, agent = turn
+        if position == INLINE_POSITION:
+            position = turnstile.inline_position
+            if position < 0:  # e.g. a task made by an inline agent, run after its call
+                raise RuntimeError(
+                    f"the turn of agent {self._agent!r} in this step is over: it was "
+                    "called inline and has returned"
+                )
+        agent = turnstile.agent_at(position)
         if agent is not self._agent:
             raise RuntimeError(
                 f"in_turn({self._agent!r}) was called from the step of {agent!r}; "
                 "an agent can only wait for its own turn"
             )
+        note_in_turn(agent)  # its class is never run inline on the event loop
         slot = (turnstile, position)
         if turnstile.is_passed(position):
             raise RuntimeError(
@@ -165,8 +222,12 @@ class _Turn:
             else:
                 self._slot = None
                 raise RuntimeError(
-                    "'with in_turn(agent)' would block the event loop that earlier agents "
-                    "need; use 'async with in_turn(agent)' inside async code"
+                    f"'with in_turn(agent)' from {self._agent!r} would block the event loop "
+                    "that earlier agents need: use 'async with in_turn(agent)' inside async "
+                    "code. A sync agent runs on the loop's thread only when it is run inline "
+                    "(run_sync_inline=True, or its class was measured cheap before it called "
+                    "in_turn); its class now stays in the thread pool, or set "
+                    "run_sync_inline = False on the class"
                 )
         turnstile.wait(position)
 

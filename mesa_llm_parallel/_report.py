@@ -19,6 +19,7 @@ import weakref
 from collections.abc import Callable
 from typing import Any
 
+from mesa_llm_parallel._placement import Placement
 from mesa_llm_parallel._state import state_of
 
 __all__ = [
@@ -70,6 +71,11 @@ class StepReport:
             ``timeout`` (in this step or an earlier one) when the step ended. They no
             longer count as pool workers; at most ``max_workers`` may be stuck at once
             (see :class:`~mesa_llm_parallel.StuckThreadsError`).
+        placement: Where the agents of each class ran and why, one
+            :class:`~mesa_llm_parallel.Placement` per class and place, in the order
+            the classes first started. In asyncio mode a class of sync agents may
+            appear twice: observed in the thread pool, then inline (see
+            ``run_sync_inline``).
     """
 
     mode: str
@@ -85,6 +91,7 @@ class StepReport:
     max_concurrency: int | None
     interrupted: bool = False
     stuck_threads: int = 0
+    placement: tuple[Placement, ...] = ()
 
     @property
     def timed_out(self) -> tuple[AgentFailure, ...]:

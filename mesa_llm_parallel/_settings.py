@@ -68,8 +68,9 @@ class SettingsSnapshot:
         max_workers: Size of the library's thread pool.
         max_concurrency: Most agents in flight at once in one step, or None for no cap.
         parallel_methods: Method names (and callables) that ``shuffle_do`` runs in parallel.
-        run_sync_inline: In asyncio mode, run agents without an async method on the
-            event loop itself instead of in the thread pool.
+        run_sync_inline: In asyncio mode, where agents without an async method run:
+            ``"auto"`` (measured per class), ``True`` (inline on the loop) or ``False``
+            (the thread pool).
         loop: ``"auto"`` or ``"background"``; see :attr:`Settings.loop`.
         on_error: ``"raise"`` or ``"collect"``; see :attr:`Settings.on_error`.
         timeout: Seconds each agent may take, or None.
@@ -82,7 +83,7 @@ class SettingsSnapshot:
     max_workers: int = DEFAULT_MAX_WORKERS
     max_concurrency: int | None = None
     parallel_methods: frozenset[str | Callable[..., Any]] = frozenset({"step"})
-    run_sync_inline: bool = False
+    run_sync_inline: bool | Literal["auto"] = "auto"
     loop: Literal["auto", "background"] = "auto"
     on_error: Literal["raise", "collect"] = "raise"
     timeout: float | None = None
@@ -153,6 +154,12 @@ def _validate_bool(name: str) -> Callable[[object], bool]:
     return check
 
 
+def _validate_run_sync_inline(value: object) -> bool | str:
+    if value is True or value is False or value == "auto":
+        return value  # type: ignore[return-value]
+    raise ValueError(f"run_sync_inline must be True, False or 'auto', got {value!r}")
+
+
 def _validate_loop(value: object) -> str:
     return _check_choice("loop", value, LOOP_POLICIES)
 
@@ -197,7 +204,7 @@ _VALIDATORS: Final[Mapping[str, Callable[[object], Any]]] = {
     "max_workers": _validate_max_workers,
     "max_concurrency": _validate_max_concurrency,
     "parallel_methods": _validate_parallel_methods,
-    "run_sync_inline": _validate_bool("run_sync_inline"),
+    "run_sync_inline": _validate_run_sync_inline,
     "loop": _validate_loop,
     "on_error": _validate_on_error,
     "timeout": _positive_seconds("timeout", "seconds"),
@@ -231,9 +238,17 @@ class Settings:
         parallel_methods: Method names that ``shuffle_do`` steps in parallel (default
             ``{"step"}``). A callable passed to ``shuffle_do`` is parallel when it, or
             its ``__name__``, is in this set.
-        run_sync_inline: In asyncio mode, call sync-only agents directly on the event
-            loop thread instead of the pool (default False). They then block the loop
-            and run one after another.
+        run_sync_inline: In asyncio mode, where agents without an async method run.
+            ``"auto"`` (default): each class starts in the thread pool, where its
+            calls are timed; a class whose calls take under 20 us (far less than the
+            ~45 us hop to a thread) runs inline on the loop from then on, unless its
+            agents use ``in_turn`` or a ``timeout`` is set; an inline call that blocks
+            the loop for over 10 ms sends its class back to the pool for good (see
+            :doc:`/how-it-works`, "Where sync agents run"). ``True``: every such agent is
+            called on the loop's thread, one after another (a blocking call blocks every
+            agent; no timeout applies). ``False``: always the thread pool. A class
+            attribute ``run_sync_inline = True / False / "auto"`` on an agent class
+            overrides this setting for that class.
         loop: ``"auto"`` (default): a model's first asyncio step runs on the calling
             thread's own persistent loop, or on the loop already running there (a
             notebook cell) through nest-asyncio2, or on a background loop thread where

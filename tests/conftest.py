@@ -11,6 +11,7 @@ import mesa
 import pytest
 
 import mesa_llm_parallel as mlp
+from mesa_llm_parallel import _placement
 
 
 def pytest_configure(config):
@@ -47,9 +48,10 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(autouse=True)
 def clean_state():
-    """Undo any patch and setting a test leaves behind."""
+    """Undo any patch and setting a test leaves behind; forget what steps measured."""
     mlp.disable_automatic_parallel_stepping()
     mlp.settings.reset()
+    _placement.forget()  # agent classes shared by tests start in the pool in each test
     yield
     mlp.disable_automatic_parallel_stepping()
     mlp.settings.reset()

@@ -33,15 +33,19 @@ from mesa_llm_parallel import in_turn
 #: Where a failing agent raises ValueError.
 WHEN = ("start", "before_turn", "in_turn", "after_turn")
 
-#: (mode, max_concurrency, max_workers) of the parallel runs compared with each other.
-CONFIGS: tuple[tuple[str, int | None, int], ...] = (
-    ("asyncio", None, 4),
-    ("asyncio", 1, 2),
-    ("asyncio", 3, 1),
-    ("threading", None, 12),
-    ("threading", 1, 4),
-    ("threading", 3, 8),
-    ("threading", None, 2),
+#: (mode, max_concurrency, max_workers, where cheap agents run) of the parallel runs
+#: compared with each other: "auto" (measured: the pool, then inline), or forced by the
+#: class attribute ``run_sync_inline`` (True: inline on the loop; False: the pool).
+CONFIGS: tuple[tuple[str, int | None, int, bool | str], ...] = (
+    ("asyncio", None, 4, "auto"),
+    ("asyncio", 1, 2, "auto"),
+    ("asyncio", 3, 1, "auto"),
+    ("asyncio", None, 4, True),
+    ("asyncio", 2, 3, False),
+    ("threading", None, 12, "auto"),
+    ("threading", 1, 4, "auto"),
+    ("threading", 3, 8, "auto"),
+    ("threading", None, 2, "auto"),
 )
 
 #: Seconds one whole run may take before it is reported as a hang.
@@ -145,10 +149,38 @@ class BothTrader(SyncTrader):
     astep = AsyncTrader.astep
 
 
+class CheapTrader(Trader):
+    """A rule-based agent: a cheap sync ``step`` on its own state, no turn, no waiting.
+
+    In asyncio mode it is observed in the pool, then runs inline on the loop (or where
+    the run's configuration forces it: see the subclasses below).
+    """
+
+    def step(self) -> None:
+        self.maybe_fail("start")
+        self.memory = mock_llm(f"cheap|{self.index}|{self.model.step_no}|{self.memory}") % 1000
+
+
+class InlineCheapTrader(CheapTrader):
+    run_sync_inline = True
+
+
+class PoolCheapTrader(CheapTrader):
+    run_sync_inline = False
+
+
+CHEAP_CLASSES: dict[bool | str, type[Trader]] = {
+    "auto": CheapTrader,
+    True: InlineCheapTrader,
+    False: PoolCheapTrader,
+}
+
+
 KIND_CLASSES: dict[str, type[Trader]] = {
     "sync": SyncTrader,
     "async": AsyncTrader,
     "both": BothTrader,
+    "cheap": CheapTrader,
 }
 
 
@@ -175,6 +207,7 @@ class LedgerModel(mesa.Model):
         *,
         parallel: bool,
         catch_failures: bool = False,
+        cheap: bool | str = "auto",
     ) -> None:
         super().__init__(rng=seed)
         self.parallel_stepping = parallel
@@ -187,7 +220,8 @@ class LedgerModel(mesa.Model):
         self.reports: list[tuple[Any, ...]] = []
         self.seq_position = 0
         self.seq_failures: list[tuple[int, int, str, bool]] = []
-        self.roster = [KIND_CLASSES[kind](self, i) for i, kind in enumerate(kinds)]
+        classes = {**KIND_CLASSES, "cheap": CHEAP_CLASSES[cheap]}
+        self.roster = [classes[kind](self, i) for i, kind in enumerate(kinds)]
 
     def step(self) -> None:
         self.step_no += 1
@@ -295,13 +329,20 @@ def scenarios(draw: st.DrawFn, kinds: tuple[str, ...]) -> Scenario:
 
 
 def run_parallel(scn: Scenario, config: int) -> dict[str, Any]:
-    mode, cap, workers = CONFIGS[config]
+    mode, cap, workers, cheap = CONFIGS[config]
 
     def go() -> dict[str, Any]:
         mlp.settings.reset()
         mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=workers, on_error="collect")
         mlp.settings.max_concurrency = cap
-        model = LedgerModel(scn.seed, scn.kinds, scn.latencies[config], scn.failures, parallel=True)
+        model = LedgerModel(
+            scn.seed,
+            scn.kinds,
+            scn.latencies[config],
+            scn.failures,
+            parallel=True,
+            cheap=cheap,
+        )
         for _ in range(scn.steps):
             model.step()
         return model.outcome()
@@ -332,8 +373,8 @@ def run_sequential(scn: Scenario, *, catch_failures: bool) -> dict[str, Any]:
 
 
 def _describe(config: int) -> str:
-    mode, cap, workers = CONFIGS[config]
-    return f"{mode}, max_concurrency={cap}, max_workers={workers}"
+    mode, cap, workers, cheap = CONFIGS[config]
+    return f"{mode}, max_concurrency={cap}, max_workers={workers}, cheap agents: {cheap}"
 
 
 def _assert_same(expected: dict[str, Any], got: dict[str, Any], what: str) -> None:
@@ -343,7 +384,7 @@ def _assert_same(expected: dict[str, Any], got: dict[str, Any], what: str) -> No
 
 # -- properties ---------------------------------------------------------------------
 @PROPERTY_SETTINGS
-@hypothesis.given(scn=scenarios(kinds=("both", "sync")))
+@hypothesis.given(scn=scenarios(kinds=("both", "sync", "cheap")))
 def test_parallel_runs_reproduce_the_sequential_run(scn):
     # The sequential reference: Mesa's loop, with each agent's ValueError noted by a
     # wrapper so that the step goes on as it does with on_error="collect".
@@ -357,12 +398,15 @@ def test_parallel_runs_reproduce_the_sequential_run(scn):
 
 
 @PROPERTY_SETTINGS
-@hypothesis.given(scn=scenarios(kinds=("both", "sync", "async")))
+@hypothesis.given(scn=scenarios(kinds=("both", "sync", "async", "cheap")))
 def test_runs_agree_across_modes_caps_pools_and_latencies(scn):
     # Async-only agents have no sequential counterpart (their `step` is Mesa's no-op),
     # so the reference is a parallel run with one agent in flight at a time.
-    reference = run_parallel(scn, CONFIGS.index(("asyncio", 1, 2)))
-    expected_failures = len(scn.failures)
+    reference = run_parallel(scn, CONFIGS.index(("asyncio", 1, 2, "auto")))
+    # A cheap agent has no turn: only its failures "at start" happen.
+    expected_failures = sum(
+        1 for (_, i), when in scn.failures.items() if scn.kinds[i] != "cheap" or when == "start"
+    )
     assert sum(len(r[4]) for r in reference["reports"]) == expected_failures
     assert all(r[1] == len(scn.kinds) and r[3] == 0 for r in reference["reports"])
     for config in range(len(CONFIGS)):

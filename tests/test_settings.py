@@ -20,7 +20,7 @@ def test_defaults():
     assert settings.max_workers == DEFAULT_MAX_WORKERS
     assert settings.max_concurrency is None
     assert settings.parallel_methods == frozenset({"step"})
-    assert settings.run_sync_inline is False
+    assert settings.run_sync_inline == "auto"
     assert settings.loop == "auto"
 
 
@@ -63,7 +63,7 @@ def test_env_var_sets_the_default_pool_size(monkeypatch):
         ("parallel_methods", [], ValueError, ["at least one"]),
         ("parallel_methods", ["not a name"], ValueError, ["'not a name'"]),
         ("parallel_methods", [3], TypeError, ["3"]),
-        ("run_sync_inline", 1, TypeError, ["True or False", "1"]),
+        ("run_sync_inline", 1, ValueError, ["True, False or 'auto'", "1"]),
         ("loop", "uvloop", ValueError, ["'uvloop'", "'auto'", "'background'"]),
     ],
 )
