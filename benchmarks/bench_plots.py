@@ -1,4 +1,4 @@
-"""Figures of the HTTP scenarios (6-9), drawn from a run's JSON with matplotlib (Agg).
+"""Figures of the HTTP scenarios (6-9) and of scenario 13, drawn with matplotlib (Agg).
 
 ``benchmarks/run.py --plots`` calls :func:`write_plots` after its run, and
 ``benchmarks/run.py --plots-from results.json`` redraws them from an earlier run. Each
@@ -9,7 +9,9 @@ whose scenario did not run is not written (the older file, if any, stays).
 * ``speedup_vs_latency.png``: speed-up over sequential Mesa against the latency;
 * ``ours_vs_bare.png``: each HTTP step against the bare baseline of the same calls;
 * ``rate_limit_429s.png``: HTTP 429 answers and step time, with and without the limit;
-* ``reference_comparison.png``: ours against mesa-llm 0.3.2, same server, same run.
+* ``reference_comparison.png``: ours against mesa-llm 0.3.2, same server, same run;
+* ``scale_vs_agents.png``: scenario 13, one step of 100 ... 100,000 agents awaiting
+  0.5 s, ours against a bare ``asyncio.gather``.
 """
 
 from __future__ import annotations
@@ -386,7 +388,38 @@ def plot_reference(rows: Rows, caption: str, path: Path) -> Path | None:
     )
 
 
+def plot_scale(rows: Rows, caption: str, path: Path) -> Path | None:
+    """Scenario 13: step time and its overhead above the 0.5 s wait, ours and bare gather."""
+    items = sorted(
+        (d for key, d in rows.items() if key.startswith("scale_") and "bare_gather" in d),
+        key=lambda d: d["n"],
+    )
+    if len(items) < 2:
+        return None
+    n = [d["n"] for d in items]
+    ours = [d["ours"]["median"] for d in items]
+    bare = [d["bare_gather"]["median"] for d in items]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.6))
+    for ax, values, label in (
+        (left, (ours, bare), "step time"),
+        (right, ([v - 0.5 for v in ours], [v - 0.5 for v in bare]), "time above the 0.5 s wait"),
+    ):
+        ax.plot(n, values[0], "o-", color=COLORS["asyncio"], label="our asyncio step")
+        ax.plot(n, values[1], "s--", color="#ff7f0e", label="bare asyncio.gather")
+        ax.set_xlabel("agents, each awaiting asyncio.sleep(0.5)")
+        ax.set_ylabel(label)
+        ax.yaxis.set_major_formatter(_seconds_formatter())
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
+    left.set_title("linear axes: the cost grows linearly with the agents", fontsize=9)
+    right.set_xscale("log")
+    right.set_yscale("log")
+    right.set_title("log-log: a slope of 1 is linear", fontsize=9)
+    return _finish(fig, "One asyncio step, 100 to 100,000 agents (medians)", caption, path)
+
+
 FIGURES: dict[str, Callable[[Rows, str, Path], Path | None]] = {
+    "scale_vs_agents.png": plot_scale,
     "step_time_vs_agents.png": plot_step_time,
     "speedup_vs_latency.png": plot_speedup,
     "ours_vs_bare.png": plot_ours_vs_bare,

@@ -43,6 +43,9 @@ Scenarios (each is one or more rows of the printed table, with its target):
     against the cheap agents' own sequential time plus 50 ms;
 13. ``scale``: 100 ... 100,000 agents awaiting 0.5 s against a bare ``asyncio.gather``,
     with the peak memory of each step (and, at 100,000, where the time goes);
+14. ``clients``: the CPU per chat completion of openai's httpx and aiohttp transports
+    and of litellm, 1,000 and 5,000 agents x 500 ms, each client in a process of its own
+    (needs ``.cache/venv-mesa-llm``).
 
 The machine is assumed shared and noisy: variants are interleaved within one run and
 figures are medians of repeats (minimum beside them). Compare ratios, not absolute
@@ -62,6 +65,7 @@ from pathlib import Path
 # The sibling modules are imported as top-level modules: this file runs as a script.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from bench_clients import clients
 from bench_common import Config, Row, environment
 from bench_flag_off import flag_off
 from bench_hosts import hosts
@@ -88,6 +92,7 @@ SCENARIOS: dict[str, Callable[[Config], list[Row]]] = {
     "hosts": hosts,
     "mixed": mixed,
     "scale": scale,
+    "clients": clients,
 }
 #: Scenarios run only when named with --only.
 OPT_IN = ("client-pool",)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from mesa_llm_parallel._loops import NestingTooDeepError, home_loop, last_loop_path
 from mesa_llm_parallel._ordering import in_turn, shared_lock
+from mesa_llm_parallel._placement import Placement
 from mesa_llm_parallel._pool import StuckThreadsError
 from mesa_llm_parallel._report import (
     AgentFailure,
@@ -64,6 +65,7 @@ __all__ = [
     "MODES",
     "AgentFailure",
     "NestingTooDeepError",
+    "Placement",
     "Settings",
     "SettingsSnapshot",
     "StepReport",

@@ -706,7 +706,6 @@ class _AsyncStep:
         self.fill_pending = False  # a slice of the start loop is scheduled
         self.drain_pending = False  # a slice of the worker queue's drain is scheduled
         self.stopping = False  # the step is being abandoned (interrupt, cancellation)
-        self.tasks: set[asyncio.Task[Any]] = set()
         self.slot_waits: set[_SlotWait] = set()
         self.pool_calls: set[_PoolCall] = set()
         self.waiting_for_worker: collections.deque[int] = collections.deque()
@@ -732,7 +731,7 @@ class _AsyncStep:
             self.stopping = True
             step.halt()
             self._drop_waiting()
-            tasks = list(self.tasks)
+            tasks = self._own_tasks()
             for task in tasks:
                 task.cancel()
             if tasks:
@@ -793,6 +792,9 @@ class _AsyncStep:
         pass_turn, call, copy = turns.pass_turn, step.call, step.inline_context.copy
         passed = turns.passed_marks()
         plain = step.plain
+        task_context, set_position = step.context.copy, current_position.set
+        create_task, task_done = self.loop.create_task, self._task_done_cb
+        starts, timeout, args, kwargs = self.starts, self.timeout, step.args, step.kwargs
         progress, perf_counter = step.progress, time.perf_counter
         stall_bound = placement.STALL_BOUND
         now = perf_counter()
@@ -823,6 +825,26 @@ class _AsyncStep:
                     self._flush_inline(ran, done, busy)
                     ran = busy = 0.0
                     done = 0
+                if decision is not None and decision.kind == _AWAIT and timeout is None:
+                    # An async agent: one task, in its own copy of the caller's context.
+                    name = decision.name
+                    decision.ran += 1
+                    context = task_context()
+                    context.run(set_position, position)
+                    step.started += 1
+                    step.in_flight += 1
+                    if step.in_flight > step.peak_in_flight:
+                        step.peak_in_flight = step.in_flight
+                    starts[position] = now = perf_counter()
+                    try:
+                        coro = getattr(agent, name)(*args, **kwargs) if name else call(agent, None)
+                        task = create_task(coro, context=context)
+                    except Exception as exc:
+                        step.finish(position, agent, now, exc)
+                        continue
+                    self.active += 1
+                    task.add_done_callback(task_done, context=context)
+                    continue
                 self._start_agent(position, agent, decision)
                 now = perf_counter()
                 continue
@@ -1014,16 +1036,43 @@ class _AsyncStep:
             step.finish(position, agent, started, exc)
             return
         self.active += 1
-        self.tasks.add(task)
         task.add_done_callback(self._task_done_cb, context=context)
 
+    def _own_tasks(self) -> list[asyncio.Task[Any]]:
+        """The unfinished tasks of this step's agents (and the tasks they made).
+
+        Found when needed (an interrupt) rather than tracked per agent: a task runs in a
+        copy of the step's context, which holds the step's turnstile.
+        """
+        turns = self.step.turns
+        return [
+            task
+            for task in asyncio.all_tasks(self.loop)
+            if task.get_context().get(current_turnstile) is turns
+        ]
+
     def _task_done(self, task: asyncio.Task[Any]) -> None:
-        self.tasks.discard(task)
         if self.stopping:
             return
         step = self.step
         position = task.get_context()[current_position]
         self.active -= 1
+        if not task.cancelled() and task.exception() is None:  # the common case, inlined
+            step.in_flight -= 1
+            step.busy_time += time.perf_counter() - self.starts[position]
+            step.completed += 1
+            if step.progress is not None:
+                step.progress.update(1)
+            turns = step.turns
+            turns.passed_marks()[position] = 1  # the write, then the check (see Turnstile)
+            if turns.tracking:
+                turns.pass_turn(position)
+            if self.exhausted and not step.stop:  # nothing more to start: maybe the end
+                if self.active == 0 and not self.fill_pending and not self.done.done():
+                    self.done.set_result(None)
+                return
+            self._settle()
+            return
         if task.cancelled():
             error: BaseException | None = RuntimeError(
                 "the agent's step was cancelled (not by mesa_llm_parallel)"

@@ -20,7 +20,16 @@ def test_quick_benchmark_run_prints_every_scenario(tmp_path):
         check=False,
     )
     assert result.returncode == 0, result.stderr[-2000:]
-    for scenario in ("1. asyncio", "2. threading", "3. machinery", "4. flag off", "5. sequential"):
+    for scenario in (
+        "1. asyncio",
+        "2. threading",
+        "3. machinery",
+        "4. flag off",
+        "5. sequential",
+        "12. mixed",
+        "13. scale",
+        "14. clients",
+    ):
         assert scenario in result.stdout
     data = json.loads(out.read_text())
     assert data  # every figure was written

@@ -258,3 +258,27 @@ def test_openai_chat_without_openai_explains_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "openai", None)  # makes `import openai` fail
     with pytest.raises(ImportError, match=r"mesa_llm_parallel\[llm\]"):
         OpenAIChat("http://127.0.0.1:1/v1")
+
+
+def test_the_example_client_uses_aiohttp_when_installed_and_httpx_on_request():
+    pytest.importorskip("aiohttp", reason="the llm extra brings openai[aiohttp]")
+    from mesa_llm_parallel.llm_example import OpenAIChat
+
+    with LoopbackLLMServer(latency=0.0) as server:
+        chat = OpenAIChat(server.base_url)
+        assert chat.transport == "aiohttp"
+        assert isinstance(chat.async_client._client, openai.DefaultAioHttpClient)
+        forced = OpenAIChat(server.base_url, transport="httpx")
+        assert forced.transport == "httpx"
+        assert not isinstance(forced.async_client._client, openai.DefaultAioHttpClient)
+        for client in (chat, forced):
+            assert asyncio.run(_one_reply(client))
+        with pytest.raises(ValueError, match=r"transport must be one of .*'curl'"):
+            OpenAIChat(server.base_url, transport="curl")
+
+
+async def _one_reply(chat) -> str:
+    try:
+        return await chat.acomplete("hello")
+    finally:
+        await chat.aclose()

@@ -404,3 +404,22 @@ def test_an_inline_agent_that_asks_for_a_turn_not_yet_due_fails_clearly():
         mlp.step_agents_parallel_sync(agents)
     assert "run_sync_inline = False" in str(info.value)
     assert _placement.known_record(Late).uses_turns
+
+
+@pytest.mark.parametrize("cap", [None, 1])
+def test_async_agents_each_get_their_own_copy_of_the_callers_context(cap):
+    seen = contextvars.ContextVar("seen", default="caller's")
+    leaks: list[str] = []
+
+    class Thinker(mesa.Agent):
+        async def astep(self) -> None:
+            leaks.append(seen.get())
+            seen.set(f"set by {self.unique_id}")
+            await asyncio.sleep(0)
+
+    mlp.enable_automatic_parallel_stepping(mode="asyncio", max_concurrency=cap)
+    model = Recorder()
+    Thinker.create_agents(model, 10)
+    model.step()
+    assert leaks == ["caller's"] * 10
+    assert seen.get() == "caller's"
