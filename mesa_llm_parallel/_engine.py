@@ -337,6 +337,10 @@ class Step:
         self.lock = threading.Lock()
         self.turns = Turnstile(self.n, self.agent_at)
         self._next = itertools.count().__next__
+        #: Positions handed out by :meth:`claim`, and start slots reserved and not yet
+        #: turned into positions (with a rate limit).
+        self.claimed = 0
+        self.reserved = 0
         self.stop = False
         #: Set with ``stop`` (see :meth:`halt`): wakes runners waiting for a start slot.
         self.halted = threading.Event()
@@ -407,15 +411,23 @@ class Step:
         rate = self.cfg.rate_limit
         slot = None
         if rate:
-            if self.stop:
-                return None
+            with self.lock:
+                # Never more slots reserved than agents left to start: a slot reserved
+                # for nobody would hold the step open until its time comes.
+                if self.stop or self.claimed + self.reserved >= self.n:
+                    return None
+                self.reserved += 1
             slot, delay = limiter.reserve(rate)
             if delay:
                 self.halted.wait(delay)
         with self.lock:
+            if slot is not None:
+                self.reserved -= 1
             position = None if self.stop else self._next()
             if position is not None and position >= self.n:
                 position = None
+            if position is not None:
+                self.claimed += 1
         if position is None and slot is not None:
             limiter.give_back(slot, rate)  # type: ignore[arg-type]
         return position
@@ -707,6 +719,7 @@ class _AsyncStep:
         self.drain_pending = False  # a slice of the worker queue's drain is scheduled
         self.stopping = False  # the step is being abandoned (interrupt, cancellation)
         self.slot_waits: set[_SlotWait] = set()
+        self.rated_claims = 0  # positions taken in a rate slot (with a rate limit)
         self.pool_calls: set[_PoolCall] = set()
         self.waiting_for_worker: collections.deque[int] = collections.deque()
         self.free_workers = 0
@@ -755,7 +768,12 @@ class _AsyncStep:
             return
         if self.step.stop:
             self._drop_waiting()
-        elif not self.exhausted and self.active < self.k and not self.fill_pending:
+        elif (
+            not self.exhausted
+            and self.active < self.k
+            and not self.fill_pending
+            and (not self.rate or self.rated_claims + len(self.slot_waits) < self.step.n)
+        ):
             self._fill()
             return
         if self.active == 0 and not self.fill_pending and not self.done.done():
@@ -917,6 +935,8 @@ class _AsyncStep:
         step = self.step
         rate = self.rate
         while self.active < self.k and not step.stop:
+            if self.rated_claims + len(self.slot_waits) >= step.n:
+                break  # a slot is reserved for every agent left: reserve none for nobody
             # The slot first, then the position: an agent starts only if the step
             # still runs once its slot has come; an unused slot is given back.
             slot, delay = limiter.reserve(rate)  # type: ignore[arg-type]
@@ -931,6 +951,7 @@ class _AsyncStep:
                 limiter.give_back(slot, rate)  # type: ignore[arg-type]
                 self.exhausted = True
                 break
+            self.rated_claims += 1
             self._start(position)
         self._settle()
 
@@ -946,6 +967,9 @@ class _AsyncStep:
             limiter.give_back(wait.slot, self.rate)  # type: ignore[arg-type]
             self.exhausted = True
         else:
+            self.rated_claims += 1
+            if self.rated_claims == step.n:
+                self.exhausted = True
             self._start(position)
         self._settle()
 

@@ -18,7 +18,7 @@ from support import steps_of
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _engine
-from mesa_llm_parallel._ratelimit import StartRateLimiter
+from mesa_llm_parallel._ratelimit import StartRateLimiter, limiter
 
 MODES = ["asyncio", "threading"]
 
@@ -289,6 +289,37 @@ def test_rate_limit_spaces_agent_starts_across_steps(mode):
     # A lower bound only: sleeps never end early, however loaded the machine is.
     for k, start in enumerate(starts):
         assert start - starts[0] >= (k - 1) / rate
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("kind", ["sync", "async"])
+def test_a_rate_limited_step_reserves_a_start_slot_per_agent_and_no_more(mode, kind):
+    # A slot reserved for nobody would keep the step open until its time came (a step
+    # of n agents took twice n / rate) and push the next step's starts back.
+    rate = 50.0
+    mlp.enable_automatic_parallel_stepping(mode=mode, rate_limit=rate, max_workers=4)
+
+    class Quick(mesa.Agent):
+        def __init__(self, model, delay=0.0):
+            super().__init__(model)
+
+        def step(self):
+            pass
+
+    class AsyncQuick(Quick):
+        async def astep(self):
+            pass
+
+    model = ToyModel(8, Quick if kind == "sync" else AsyncQuick)
+    before = limiter.reserve(rate)[0]  # the next free slot before the step
+    limiter.give_back(before, rate)
+    model.step()
+    after = limiter.reserve(rate)[0]  # the next free slot after it
+    limiter.give_back(after, rate)
+    assert mlp.last_step_report(model).completed == 8
+    # 8 slots used and none more (the first may come a little after `before`, when the
+    # limiter was idle: it is then the time of the first start).
+    assert 8 / rate - 1e-6 <= after - before < 9 / rate
 
 
 # -- interrupts ---------------------------------------------------------------------

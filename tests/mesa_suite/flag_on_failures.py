@@ -7,8 +7,9 @@ thread timing, so in a given run it may fail or pass. ``docs/mesa-suite.md`` lis
 same entries; ``tests/test_mesa_suite.py`` checks that the two agree.
 
 A race is listed for both modes even where it is rare in one of them: in asyncio mode
-Mesa's agents (all synchronous) run in the library's thread pool as they do in threading
-mode, so their code overlaps in threads in both. How often each failed (Mesa 3.5.1,
+each of Mesa's agent classes (all synchronous) runs in the library's thread pool, as in
+threading mode, until 16 of its calls have been measured cheap (then inline on the loop),
+so its code can overlap in threads in both. How often each failed (Mesa 3.5.1,
 2 cores) is noted per entry; "forced switches" means a thread switch interval of 1e-4 s
 or less (``sys.setswitchinterval``, 5e-3 s by default), which makes races more likely.
 """
