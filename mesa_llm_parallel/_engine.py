@@ -237,7 +237,9 @@ class _Dispatch:
         if self._cfg.timeout is not None:
             reason = "a timeout is set, and an inline call cannot be timed out"
             return _Decision(cls, _POOL, name, placement.POOL, reason)
-        record = placement.record_for(cls)
+        method = self._method
+        key = method if isinstance(method, str) else getattr(method, "__qualname__", repr(method))
+        record = placement.record_for(cls, key)
         return _Decision(cls, _AUTO, name, placement.POOL, record.reason, record)
 
 
@@ -888,6 +890,7 @@ class _AsyncStep:
                 step.in_flight += 1
                 step.finish(position, agent, started, exc)
                 now = perf_counter()
+                self._inline_ended(decision, now - started, exc)
                 continue
             now = perf_counter()
             took = now - started
@@ -922,6 +925,19 @@ class _AsyncStep:
         step.busy_time += busy
         if step.in_flight >= step.peak_in_flight:
             step.peak_in_flight = step.in_flight + 1
+
+    def _inline_ended(
+        self, decision: _Decision, took: float, error: BaseException | None = None
+    ) -> None:
+        """Count an inline agent where it ran; let a measured class's record judge it."""
+        if decision.inline:
+            decision.ran += 1
+            return
+        decision.ran_inline += 1
+        if took > placement.STALL_BOUND:
+            self._stalled(decision, took)
+        if error is not None and placement.needs_own_loop(error):
+            decision.record.loop_refused()  # type: ignore[union-attr]
 
     def _stalled(self, decision: _Decision, took: float) -> None:
         """An inline call of a measured class blocked the loop: back to the pool."""
@@ -1031,15 +1047,10 @@ class _AsyncStep:
                 step.context.copy().run(step.call_at, position, agent, decision.name)
         except Exception as exc:
             step.finish(position, agent, started, exc)
+            self._inline_ended(decision, time.perf_counter() - started, exc)
         else:
             self._succeeded(position, started)
-        if decision.inline:
-            decision.ran += 1
-        else:
-            decision.ran_inline += 1
-            took = time.perf_counter() - started
-            if took > placement.STALL_BOUND:
-                self._stalled(decision, took)
+            self._inline_ended(decision, time.perf_counter() - started)
 
     def _start_task(self, position: int, agent: Any, decision: _Decision) -> None:
         """Start an async agent as a task of its own."""

@@ -224,9 +224,10 @@ class _Turn:
                 raise RuntimeError(
                     f"'with in_turn(agent)' from {self._agent!r} would block the event loop "
                     "that earlier agents need: use 'async with in_turn(agent)' inside async "
-                    "code. A sync agent runs on the loop's thread only when it is run inline "
-                    "(run_sync_inline=True, or its class was measured cheap before it called "
-                    "in_turn); its class now stays in the thread pool, or set "
+                    "code. A sync agent runs on the loop's thread only when it is run inline: "
+                    "with run_sync_inline='auto' (measured cheap before it called in_turn), "
+                    "its class stays in the thread pool from now on; where run_sync_inline=True "
+                    "forces it inline (the setting, or the class attribute), set "
                     "run_sync_inline = False on the class"
                 )
         turnstile.wait(position)

@@ -18,9 +18,14 @@ agent class is decided from what the steps measure:
    source mentions it, or a call was seen), and every class while a per-agent
    ``timeout`` is set (an inline call cannot be timed out).
 4. The safety valve: an inline call that blocks the loop for longer than
-   :data:`STALL_BOUND` sends its class back to the pool at once and for good (so a class
-   stalls the loop at most once); a full garbage collection during the batch is not
-   blamed on the agent.
+   :data:`STALL_BOUND` (whether it returns or raises) sends its class back to the pool
+   at once and for good (so a class stalls the loop at most once); a full garbage
+   collection during the batch is not blamed on the agent. So does an inline call that
+   fails because it runs an event loop of its own (``asyncio.run``), which cannot work
+   on the loop's thread: that agent fails, once per class.
+
+The records are kept per class and method name (``step``, ``think``, or a callable's
+qualified name): one method of a class may be cheap and another block.
 
 The records are kept per class in a weak dictionary: a class defined in a notebook is
 freed with it, and no model or agent is ever referenced.
@@ -150,6 +155,15 @@ class ClassRecord:
             f"(> {STALL_BOUND * 1000:.0f} ms)"
         )
 
+    def loop_refused(self) -> None:
+        """An inline call failed because it runs an event loop itself: back to the pool."""
+        self.inline = False
+        self.stalled = True
+        self.reason = (
+            "an inline call failed: it runs an event loop itself (asyncio.run, "
+            "run_until_complete), which needs a thread without a running loop"
+        )
+
     def turns_seen(self) -> None:
         """An agent of the class called ``in_turn``: never inline again."""
         if not self.uses_turns:
@@ -158,35 +172,59 @@ class ClassRecord:
             self.reason = "its agents call in_turn"
 
 
-_records: weakref.WeakKeyDictionary[type, ClassRecord] = weakref.WeakKeyDictionary()
+_records: weakref.WeakKeyDictionary[type, dict[str, ClassRecord]] = weakref.WeakKeyDictionary()
+_turn_users: weakref.WeakSet[type] = weakref.WeakSet()  # classes seen calling in_turn
 _records_lock = threading.Lock()
 
 
-def record_for(cls: type) -> ClassRecord:
-    """The record of agent class ``cls``, made on first use."""
-    record = _records.get(cls)
+def record_for(cls: type, method: str = "step") -> ClassRecord:
+    """The record of method ``method`` of agent class ``cls``, made on first use."""
+    per_class = _records.get(cls)
+    record = per_class.get(method) if per_class is not None else None
     if record is None:
         with _records_lock:
-            record = _records.get(cls)
+            per_class = _records.setdefault(cls, {})
+            record = per_class.get(method)
             if record is None:
-                record = _records[cls] = ClassRecord(cls)
+                record = per_class[method] = ClassRecord(cls)
+                if cls in _turn_users:
+                    record.turns_seen()
     return record
 
 
-def known_record(cls: type) -> ClassRecord | None:
-    """The record of ``cls`` if a step has made one."""
-    return _records.get(cls)
+def known_record(cls: type, method: str = "step") -> ClassRecord | None:
+    """The record of ``cls``'s ``method`` if a step has made one."""
+    per_class = _records.get(cls)
+    return per_class.get(method) if per_class is not None else None
 
 
 def note_in_turn(agent: Any) -> None:
     """Called by ``in_turn``: the agent's class is kept off the loop from now on."""
-    record_for(type(agent)).turns_seen()
+    cls = type(agent)
+    with _records_lock:
+        _turn_users.add(cls)
+        records = list(_records.get(cls, {}).values())
+    for record in records:
+        record.turns_seen()
 
 
 def forget() -> None:
     """Drop every class's measurements (each class starts in the pool again)."""
     with _records_lock:
         _records.clear()
+        _turn_users.clear()
+
+
+#: What asyncio raises when a loop is started in a thread that already runs one.
+_OWN_LOOP_ERRORS = (
+    "cannot be called from a running event loop",  # asyncio.run
+    "Cannot run the event loop while another loop is running",  # run_until_complete
+)
+
+
+def needs_own_loop(error: BaseException) -> bool:
+    """Whether ``error`` says the call tried to run an event loop of its own."""
+    return isinstance(error, RuntimeError) and any(text in str(error) for text in _OWN_LOOP_ERRORS)
 
 
 def full_collections() -> int:

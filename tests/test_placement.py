@@ -10,11 +10,13 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import gc
+import json
 import threading
 import time
 
 import mesa
 import pytest
+from support import run_python
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _placement, in_turn
@@ -403,7 +405,7 @@ def test_an_inline_agent_that_asks_for_a_turn_not_yet_due_fails_clearly():
     with pytest.raises(RuntimeError, match="would block the event loop") as info:
         mlp.step_agents_parallel_sync(agents)
     assert "run_sync_inline = False" in str(info.value)
-    assert _placement.known_record(Late).uses_turns
+    assert _placement.record_for(Late).uses_turns  # under "auto" it would stay in the pool
 
 
 @pytest.mark.parametrize("cap", [None, 1])
@@ -423,3 +425,110 @@ def test_async_agents_each_get_their_own_copy_of_the_callers_context(cap):
     model.step()
     assert leaks == ["caller's"] * 10
     assert seen.get() == "caller's"
+
+
+def test_an_inline_call_that_blocks_and_raises_sends_its_class_back_too():
+    class Flaky(mesa.Agent):
+        calls = 0
+
+        def step(self) -> None:
+            type(self).calls += 1
+            if type(self).calls % 50 == 0:  # a sync request that times out
+                time.sleep(0.03)
+                raise ConnectionError("timed out")
+
+    mlp.enable_automatic_parallel_stepping(mode="asyncio", on_error="collect")
+    model = Recorder()
+    Flaky.create_agents(model, 200)
+    gc.disable()
+    try:
+        reports = [step_on_own_loop(model) for _ in range(3)]
+    finally:
+        gc.enable()
+    first = reports[0]
+    assert sum(p.agents for p in first.placement) == 200  # failed agents are counted too
+    assert _placement.known_record(Flaky).stalled
+    assert "blocked the event loop" in rows(first, "Flaky")["thread pool"].reason
+    for later in reports[1:]:
+        assert [(p.where, p.agents) for p in later.placement] == [("thread pool", 200)]
+
+
+def test_a_sync_agent_running_its_own_event_loop_fails_once_then_runs_in_the_pool():
+    # In a fresh interpreter: once nest-asyncio2 has patched asyncio (a kernel test did
+    # it in this process), asyncio.run works on a running loop and nothing fails.
+    result = run_python(
+        """
+        import asyncio, json, warnings
+        import mesa
+        import mesa_llm_parallel as mlp
+        from mesa_llm_parallel import _placement
+
+        warnings.simplefilter("ignore")  # the refused coroutine was never awaited
+
+        async def fetch():
+            await asyncio.sleep(0)
+            return 1
+
+        class Cached(mesa.Agent):
+            calls = 0
+
+            def step(self):
+                type(self).calls += 1
+                if type(self).calls > 100:  # a cache miss, once the class is inline
+                    self.value = asyncio.run(fetch())
+
+        class M(mesa.Model):
+            def __init__(self):
+                super().__init__(rng=1)
+                self.parallel_stepping = True
+                Cached.create_agents(self, 100)
+
+            def step(self):
+                self.agents.shuffle_do("step")
+
+        mlp.enable_automatic_parallel_stepping(mode="asyncio", on_error="collect")
+        model = M()
+        out = []
+        for _ in range(3):
+            model.step()
+            report = mlp.last_step_report(model)
+            out.append({
+                "failures": [str(f.exception) for f in report.failures],
+                "placement": [[p.where, p.agents] for p in report.placement],
+            })
+        out.append(_placement.known_record(Cached).reason)
+        out.append(sorted({getattr(a, "value", 0) for a in model.agents}))
+        print(json.dumps(out))
+        """
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    first, second, third, reason, values = json.loads(result.stdout.strip().splitlines()[-1])
+    assert first["failures"] == []
+    assert len(second["failures"]) == 1
+    assert "running event loop" in second["failures"][0]
+    assert "runs an event loop itself" in reason
+    assert third == {"failures": [], "placement": [["thread pool", 100]]}
+    assert values == [1]
+
+
+def test_each_method_of_a_class_is_measured_apart():
+    class Two(mesa.Agent):
+        def step(self) -> None:
+            pass
+
+        def think(self) -> None:
+            time.sleep(0.002)
+
+    mlp.enable_automatic_parallel_stepping(
+        mode="asyncio", parallel_methods={"step", "think"}, max_workers=8
+    )
+    model = Recorder()
+    Two.create_agents(model, 40)
+    for _ in range(2):
+        model.agents.shuffle_do("think")
+        model.agents.shuffle_do("step")
+    assert [p.where for p in mlp.last_step_report(model).placement] == ["inline"]  # step
+    model.agents.shuffle_do("think")
+    assert [p.where for p in mlp.last_step_report(model).placement] == ["thread pool"]
+    assert _placement.known_record(Two, "think").reason.endswith("took >= 20 us")
+    assert not _placement.known_record(Two, "step").stalled
