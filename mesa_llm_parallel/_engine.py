@@ -51,6 +51,7 @@ from mesa_llm_parallel._ordering import (
     current_position,
     current_turnstile,
 )
+from mesa_llm_parallel._permits import holds_permit, permits
 from mesa_llm_parallel._pool import (
     ResizablePool,
     StuckThreadsError,
@@ -347,10 +348,16 @@ class Step:
         #: Set with ``stop`` (see :meth:`halt`): wakes runners waiting for a start slot.
         self.halted = threading.Event()
         self._halt_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
+        #: The process-wide cap on agents in flight this step obeys (None: no cap).
+        self.cap = cfg.max_concurrency
+        #: Permits lent by the agent that started this step (it holds one while it waits
+        #: for this nested step): 1 or 0. See :mod:`mesa_llm_parallel._permits`.
+        self.lent = 1 if self.cap is not None and holds_permit.get() else 0
         #: The caller's context: every agent runs in a copy of it, in every mode. The
         #: step's turnstile is set in it once; each copy gets the agent's position.
         self.context = contextvars.copy_context()
         self.context.run(current_turnstile.set, self.turns)
+        self.context.run(holds_permit.set, self.cap is not None)
         #: What inline agents' copies are made from: their position is on the turnstile.
         self.inline_context = self.context.copy()
         self.inline_context.run(current_position.set, INLINE_POSITION)
@@ -649,6 +656,7 @@ class _PoolCall:
         "agent",
         "ended",
         "error",
+        "global_permit",
         "holds_worker",
         "job",
         "owner",
@@ -669,6 +677,8 @@ class _PoolCall:
         self.error: BaseException | None = None
         self.ended = False  # its result (or timeout) has been recorded
         self.holds_worker = True  # its worker is given back when the thread returns
+        #: It holds a permit of the process's quota, given back when the call returns.
+        self.global_permit = False
 
     def __call__(self) -> None:
         """In a worker thread: run the agent, then hand this call back to the loop."""
@@ -680,6 +690,10 @@ class _PoolCall:
             self.error = exc
         finally:
             del work, context, call, record
+            if self.global_permit:
+                # Only now: a call that outlived its timeout was in flight until here.
+                self.global_permit = False
+                permits.release()
             with contextlib.suppress(RuntimeError):  # the loop may be closed by then
                 loop.call_soon_threadsafe(_pool_call_returned, self)
 
@@ -722,6 +736,13 @@ class _AsyncStep:
         self.stopping = False  # the step is being abandoned (interrupt, cancellation)
         self.slot_waits: set[_SlotWait] = set()
         self.rated_claims = 0  # positions taken in a rate slot (with a rate limit)
+        #: The process-wide cap (see _permits); permits lent by the starting agent.
+        self.cap = step.cap
+        self.lent_free = step.lent
+        self.lent_user = -1  # the position that holds the lent permit now
+        #: The position waiting for a permit, and its waiter (one at a time).
+        self.permit_wait: tuple[int, Any] | None = None
+        self._permit_granted_cb = self._permit_granted
         self.pool_calls: set[_PoolCall] = set()
         self.waiting_for_worker: collections.deque[int] = collections.deque()
         self.free_workers = 0
@@ -770,6 +791,16 @@ class _AsyncStep:
             return
         if self.step.stop:
             self._drop_waiting()
+        elif self.permit_wait is not None:
+            if self.lent_free:  # the lent permit came back first: no need to wait on
+                position, waiter = self.permit_wait
+                self.permit_wait = None
+                permits.withdraw(waiter)  # a permit granted meanwhile goes back
+                self.active -= 1
+                self.lent_free, self.lent_user = 0, position
+                self._start_with_permit(position)
+                self._settle()
+            return
         elif (
             not self.exhausted
             and self.active < self.k
@@ -790,7 +821,61 @@ class _AsyncStep:
         self.active -= len(self.slot_waits) + len(self.waiting_for_worker)
         self.slot_waits.clear()
         while self.waiting_for_worker:
-            self.step.turns.pass_turn(self.waiting_for_worker.popleft())
+            position = self.waiting_for_worker.popleft()
+            if self.cap is not None:
+                self._release(position)  # it held a permit while it waited for a worker
+            self.step.turns.pass_turn(position)
+        if self.permit_wait is not None:
+            position, waiter = self.permit_wait
+            self.permit_wait = None
+            permits.withdraw(waiter)
+            self.active -= 1
+            self.step.turns.pass_turn(position)
+
+    # -- permits (a process-wide max_concurrency) -------------------------------------
+    def _acquire(self, position: int) -> bool:
+        """Take a permit for the agent at ``position``, or queue for one (False)."""
+        if self.lent_free:
+            self.lent_free, self.lent_user = 0, position
+            return True
+        waiter = permits.acquire_soon(self.cap, self.loop, self._permit_granted_cb)  # type: ignore[arg-type]
+        if waiter is None:
+            return True
+        self.permit_wait = (position, waiter)
+        self.active += 1
+        return False
+
+    def _release(self, position: int) -> None:
+        """The agent at ``position`` has ended: its permit goes back."""
+        if position == self.lent_user:
+            self.lent_user, self.lent_free = -1, 1
+        else:
+            permits.release()
+
+    def _permit_granted(self) -> None:
+        """On the loop: the permit this step waited for is its own now."""
+        wait = self.permit_wait
+        if wait is None or not wait[1].granted:
+            return  # withdrawn meanwhile (the permit went back with the withdrawal)
+        position = wait[0]
+        self.permit_wait = None
+        self.active -= 1
+        if self.stopping or self.step.stop:
+            permits.release()
+            self.step.turns.pass_turn(position)
+        else:
+            self._start_with_permit(position)
+        self._settle()
+
+    def _start_with_permit(self, position: int) -> None:
+        step = self.step
+        agent = step.resolve(step.entries[position])
+        if agent is None:  # removed while it waited: skipped, as Mesa's loop would
+            self._release(position)
+            step.skipped += 1
+            step.turns.pass_turn(position)
+            return
+        self._start_agent(position, agent, self.dispatch.decisions.get(type(agent)))
 
     # -- starting agents --------------------------------------------------------------
     def _fill(self) -> None:
@@ -823,7 +908,8 @@ class _AsyncStep:
         # Inline agents' counts, added to the step's in one go (see flush below).
         ran = busy = 0.0
         done = 0
-        while self.active < k and not step.stop:
+        cap = self.cap
+        while self.active < k and not step.stop and self.permit_wait is None:
             position = next_position()
             if position >= n:
                 self.exhausted = True
@@ -837,6 +923,8 @@ class _AsyncStep:
                 step.skipped += 1
                 pass_turn(position)
                 continue
+            if cap is not None and not self._acquire(position):
+                break  # the process's quota is full: this agent starts when a permit frees
             decision = decisions.get(type(agent))
             if decision is None or not (
                 decision.inline or (decision.record is not None and decision.record.inline)
@@ -860,6 +948,8 @@ class _AsyncStep:
                         coro = getattr(agent, name)(*args, **kwargs) if name else call(agent, None)
                         task = create_task(coro, context=context)
                     except Exception as exc:
+                        if cap is not None:
+                            self._release(position)
                         step.finish(position, agent, now, exc)
                         continue
                     self.active += 1
@@ -884,6 +974,8 @@ class _AsyncStep:
                     turns.inline_position = -1
             except Exception as exc:
                 turns.inline_position = -1
+                if cap is not None:
+                    self._release(position)
                 self._flush_inline(ran, done, busy)
                 ran = busy = 0.0
                 done = 0
@@ -893,6 +985,8 @@ class _AsyncStep:
                 self._inline_ended(decision, now - started, exc)
                 continue
             now = perf_counter()
+            if cap is not None:
+                self._release(position)
             took = now - started
             busy += took
             done += 1
@@ -997,6 +1091,8 @@ class _AsyncStep:
             step.skipped += 1
             step.turns.pass_turn(position)
             return
+        if self.cap is not None and not self._acquire(position):
+            return  # started when a permit frees
         self._start_agent(position, agent, self.dispatch.decisions.get(type(agent)))
 
     def _start_agent(self, position: int, agent: Any, decision: _Decision | None) -> None:
@@ -1006,6 +1102,8 @@ class _AsyncStep:
             try:
                 decision = self.dispatch(agent)
             except Exception as exc:  # no such method on this agent
+                if self.cap is not None:
+                    self._release(position)
                 step.finish(position, agent, step.start(), exc)
                 return
         kind = decision.kind
@@ -1046,9 +1144,13 @@ class _AsyncStep:
             else:
                 step.context.copy().run(step.call_at, position, agent, decision.name)
         except Exception as exc:
+            if self.cap is not None:
+                self._release(position)
             step.finish(position, agent, started, exc)
             self._inline_ended(decision, time.perf_counter() - started, exc)
         else:
+            if self.cap is not None:
+                self._release(position)
             self._succeeded(position, started)
             self._inline_ended(decision, time.perf_counter() - started)
 
@@ -1068,6 +1170,8 @@ class _AsyncStep:
                 coro = _bounded(coro, self.timeout)
             task = self.loop.create_task(coro, context=context)
         except Exception as exc:
+            if self.cap is not None:
+                self._release(position)
             step.finish(position, agent, started, exc)
             return
         self.active += 1
@@ -1087,10 +1191,12 @@ class _AsyncStep:
         ]
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        position = task.get_context()[current_position]
+        if self.cap is not None:
+            self._release(position)
         if self.stopping:
             return
         step = self.step
-        position = task.get_context()[current_position]
         self.active -= 1
         if not task.cancelled() and task.exception() is None:  # the common case, inlined
             step.in_flight -= 1
@@ -1147,6 +1253,7 @@ class _AsyncStep:
         decision.ran += 1
         work = (step.context.copy(), step.call, decision.name, decision.record, self.loop)
         call = _PoolCall(position, agent, self, work)
+        call.global_permit = self.cap is not None and self.lent_user != position
         self._begin(position)
         self.active += 1
         self.pool_calls.add(call)
@@ -1174,6 +1281,8 @@ class _AsyncStep:
         if call.timer is not None:
             call.timer.cancel()
         error, call.error = call.error, None
+        if self.cap is not None and call.position == self.lent_user:
+            self._release(call.position)  # the lent permit comes back here, on the loop
         if not call.ended and not self.stopping:
             call.ended = True
             self.active -= 1
@@ -1204,6 +1313,9 @@ class _AsyncStep:
             release = True  # still queued (another step held the threads): never runs
             self.pool_calls.discard(call)
             call.work = call.owner = None
+            if self.cap is not None:
+                call.global_permit = False
+                self._release(call.position)
         elif not job.done():  # type: ignore[union-attr]
             # Its thread cannot be stopped: the pool gives up on it and the step gets
             # its worker back at once (a spare thread takes over).
@@ -1243,6 +1355,8 @@ class _AsyncStep:
             if agent is None:
                 queue.popleft()
                 self.active -= 1
+                if self.cap is not None:
+                    self._release(position)
                 step.skipped += 1
                 step.turns.pass_turn(position)
                 continue
@@ -1293,18 +1407,30 @@ class _Runner:
 _LOOP_TIMEOUT_GRACE: Final = 1.0
 
 
-def _run_threaded_runner(step: Step, me: _Runner, dispatch: _Dispatch) -> None:
+def _run_threaded_runner(
+    step: Step, me: _Runner, dispatch: _Dispatch, *, nested: bool = False
+) -> None:
     context = step.context
+    # A nested step run right here, in the worker of the agent that started it, runs
+    # one agent at a time on that agent's permit.
+    cap = None if nested else step.cap
     while not me.abandoned and (position := step.claim()) is not None:
         agent = step.lookup(position)
         if agent is None:
             continue
+        if cap is not None and not permits.acquire(cap, step.halted):
+            step.turns.pass_turn(position)  # the step stopped while it waited
+            return
         started = step.start()
         # Each agent in a fresh copy of the caller's context, as asyncio.to_thread does:
         # what one agent sets there is not seen by the next one of this runner.
-        error, timed_out = context.copy().run(
-            _run_threaded_agent, step, me, dispatch, position, agent, started
-        )
+        try:
+            error, timed_out = context.copy().run(
+                _run_threaded_agent, step, me, dispatch, position, agent, started
+            )
+        finally:
+            if cap is not None:
+                permits.release()  # when the call has really returned, even if abandoned
         with step.lock:
             abandoned = me.abandoned
             me.agent = None
@@ -1400,7 +1526,7 @@ def run_step_threaded(step: Step) -> None:
         # A step started from inside an agent that holds a pool thread (an agent
         # stepping its sub-agents) runs right here: waiting for free workers could
         # deadlock once such agents hold them all.
-        _run_threaded_runner(step, _Runner(), dispatch)
+        _run_threaded_runner(step, _Runner(), dispatch, nested=step.lent > 0)
         return
 
     try:

@@ -1,0 +1,116 @@
+"""max_concurrency holds for the whole process: every step of every model at once."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+
+import mesa
+import pytest
+
+import mesa_llm_parallel as mlp
+from mesa_llm_parallel._permits import permits
+
+
+class Gauge:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.now = 0
+        self.peak = 0
+
+    def enter(self) -> None:
+        with self.lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        with self.lock:
+            self.now -= 1
+
+
+GAUGE = Gauge()
+
+
+class Caller(mesa.Agent):
+    def step(self) -> None:
+        GAUGE.enter()
+        try:
+            time.sleep(0.01)
+        finally:
+            GAUGE.leave()
+
+
+class AsyncCaller(mesa.Agent):
+    async def astep(self) -> None:
+        GAUGE.enter()
+        try:
+            await asyncio.sleep(0.01)
+        finally:
+            GAUGE.leave()
+
+
+class Crowd(mesa.Model):
+    def __init__(self, agent_class: type, n: int) -> None:
+        super().__init__(rng=1)
+        self.parallel_stepping = True
+        agent_class.create_agents(self, n)
+
+    def step(self) -> None:
+        self.agents.shuffle_do("step")
+
+
+@pytest.fixture(autouse=True)
+def fresh_gauge():
+    GAUGE.now = GAUGE.peak = 0
+    yield
+    assert permits.held == 0
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+@pytest.mark.parametrize("agent_class", [Caller, AsyncCaller])
+def test_four_models_stepping_at_once_share_one_cap(mode, agent_class):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_concurrency=5, loop="background")
+    models = [Crowd(agent_class, 30) for _ in range(4)]
+    threads = [threading.Thread(target=m.step) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert GAUGE.peak == 5  # never more, across the four steps (it was 11 with per-step caps)
+    for model in models:
+        report = mlp.last_step_report(model)
+        assert report.completed == 30
+        assert report.peak_in_flight <= 5
+
+
+class Parent(mesa.Agent):
+    """Steps its own sub-agents from inside its step (a blocking nested step)."""
+
+    def __init__(self, model: mesa.Model) -> None:
+        super().__init__(model)
+        self.subs = mesa.AgentSet([AsyncCaller(model) for _ in range(3)], random=model.random)
+
+    def step(self) -> None:
+        self.subs.shuffle_do("step")
+
+
+class Family(mesa.Model):
+    def __init__(self) -> None:
+        super().__init__(rng=2)
+        self.parallel_stepping = True
+        Parent.create_agents(self, 6)
+
+    def step(self) -> None:
+        self.agents.select(agent_type=Parent).shuffle_do("step")
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_nested_steps_never_deadlock_under_a_cap_smaller_than_the_outer_agents(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_concurrency=2)
+    model = Family()
+    done = threading.Event()
+    thread = threading.Thread(target=lambda: (model.step(), done.set()), daemon=True)
+    thread.start()
+    assert done.wait(60), "a nested step deadlocked under the process-wide cap"
+    assert mlp.last_step_report(model).completed == 6
