@@ -66,7 +66,7 @@ class SettingsSnapshot:
     Attributes:
         mode: ``"asyncio"`` or ``"threading"``.
         max_workers: Size of the library's thread pool.
-        max_concurrency: Most agents in flight at once in one step, or None for no cap.
+        max_concurrency: Most agents in flight at once in the whole process, or None.
         parallel_methods: Method names (and callables) that ``shuffle_do`` runs in parallel.
         run_sync_inline: In asyncio mode, where agents without an async method run:
             ``"auto"`` (measured per class), ``True`` (inline on the loop) or ``False``
@@ -233,8 +233,12 @@ class Settings:
             agent with only ``astep`` runs it on its worker thread's own event loop.
         max_workers: Size of the library's thread pool (default
             :data:`DEFAULT_MAX_WORKERS`; ``None`` restores the default).
-        max_concurrency: Most agents in flight at once in one step, in both modes
-            (``None``: no cap beyond the pool size for threads).
+        max_concurrency: Most agents in flight at once in the whole process: every
+            step of every model, in both modes, shares it, as a provider counts the
+            calls of one account (``None``: no cap beyond the pool size for threads).
+            A call that outlived its ``timeout`` in a thread counts until it returns;
+            a nested step may use the permit of the agent that started it (see
+            :doc:`/how-it-works`, "The concurrency cap").
         parallel_methods: Method names that ``shuffle_do`` steps in parallel (default
             ``{"step"}``). A callable passed to ``shuffle_do`` is parallel when it, or
             its ``__name__``, is in this set.

@@ -8,6 +8,7 @@ import time
 
 import mesa
 import pytest
+from mesa.agent import AgentSet
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel._permits import permits
@@ -89,7 +90,7 @@ class Parent(mesa.Agent):
 
     def __init__(self, model: mesa.Model) -> None:
         super().__init__(model)
-        self.subs = mesa.AgentSet([AsyncCaller(model) for _ in range(3)], random=model.random)
+        self.subs = AgentSet([AsyncCaller(model) for _ in range(3)], random=model.random)
 
     def step(self) -> None:
         self.subs.shuffle_do("step")
@@ -114,3 +115,32 @@ def test_nested_steps_never_deadlock_under_a_cap_smaller_than_the_outer_agents(m
     thread.start()
     assert done.wait(60), "a nested step deadlocked under the process-wide cap"
     assert mlp.last_step_report(model).completed == 6
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_a_timed_out_call_still_running_in_its_thread_keeps_its_permit(mode):
+    finished = threading.Event()
+    saw: list[bool] = []
+
+    class Slow(mesa.Agent):
+        def step(self) -> None:
+            time.sleep(0.3)  # overruns the timeout; its thread cannot be stopped
+            finished.set()
+
+    class Next(mesa.Agent):
+        def step(self) -> None:
+            saw.append(finished.is_set())
+
+    mlp.enable_automatic_parallel_stepping(
+        mode=mode, max_concurrency=1, timeout=0.05, on_error="collect", run_sync_inline=False
+    )
+    model = mesa.Model(rng=1)
+    agents = [Slow(model), Next(model)]
+    if mode == "asyncio":
+        mlp.step_agents_parallel_sync(agents)
+    else:
+        mlp.step_agents_multithreaded(agents)
+    report = mlp.last_step_report(model)
+    assert [f.timed_out for f in report.failures] == [True]
+    # The call was still in flight at the server: the next agent waited for it to end.
+    assert saw == [True]
