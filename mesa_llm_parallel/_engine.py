@@ -1243,6 +1243,8 @@ class _AsyncStep:
         report) and would skip the membership check Mesa makes right before each agent.
         """
         if self.executor is None and not self._lease_pool(position):
+            if self.cap is not None:
+                self._release(position)  # no thread for it: it never starts
             return
         if not self.free_workers:
             self.active += 1
