@@ -1044,7 +1044,7 @@ class _AsyncStep:
         """:meth:`_fill` with a rate limit: every start waits for its slot."""
         step = self.step
         rate = self.rate
-        while self.active < self.k and not step.stop:
+        while self.active < self.k and not step.stop and self.permit_wait is None:
             if self.rated_claims + len(self.slot_waits) >= step.n:
                 break  # a slot is reserved for every agent left: reserve none for nobody
             # The slot first, then the position: an agent starts only if the step
@@ -1072,6 +1072,13 @@ class _AsyncStep:
         self.slot_waits.discard(wait)
         self.active -= 1
         step = self.step
+        if self.permit_wait is not None:
+            # An earlier agent still waits for a permit of the process's quota: this slot
+            # goes unused (no burst follows: spacing only ever grows), and new slots are
+            # reserved once that agent has started.
+            limiter.give_back(wait.slot, self.rate)  # type: ignore[arg-type]
+            self._settle()
+            return
         position = step.n if step.stop else step._next()
         if position >= step.n:
             limiter.give_back(wait.slot, self.rate)  # type: ignore[arg-type]

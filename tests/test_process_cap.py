@@ -144,3 +144,19 @@ def test_a_timed_out_call_still_running_in_its_thread_keeps_its_permit(mode):
     assert [f.timed_out for f in report.failures] == [True]
     # The call was still in flight at the server: the next agent waited for it to end.
     assert saw == [True]
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_models_stepping_at_once_under_a_cap_and_a_rate_limit_all_finish(mode):
+    mlp.enable_automatic_parallel_stepping(
+        mode=mode, max_concurrency=3, rate_limit=80.0, loop="background"
+    )
+    models = [Crowd(AsyncCaller, 12) for _ in range(3)]
+    threads = [threading.Thread(target=m.step, daemon=True) for m in models]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert not any(thread.is_alive() for thread in threads), "a step hung"
+    assert GAUGE.peak <= 3
+    assert [mlp.last_step_report(m).completed for m in models] == [12, 12, 12]
