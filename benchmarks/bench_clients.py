@@ -14,10 +14,9 @@ clients are rotated round by round. Needs ``.cache/venv-mesa-llm`` (``./dev test
 from __future__ import annotations
 
 import json
-import subprocess
 from pathlib import Path
 
-from bench_common import Config, Row, Stats, fmt_ratio, fmt_stats
+from bench_common import Config, Row, Stats, fmt_ratio, fmt_stats, run_child_json
 from bench_server import ServerProcess
 
 __all__ = ["clients"]
@@ -48,17 +47,12 @@ LABELS = {
 
 def _run_worker(base_url: str, client: str, n: int) -> dict[str, float]:
     config = {"base_url": base_url, "client": client, "n": n, "steps": 1}
-    result = subprocess.run(  # noqa: S603 - our own worker, fixed arguments
+    (sample,) = run_child_json(
         [str(VENV_PYTHON), str(_HERE / "client_worker.py"), json.dumps(config)],
-        capture_output=True,
-        text=True,
-        check=False,
-        cwd=_HERE,
+        what=f"client {client} ({n} agents)",
         timeout=1800,
+        cwd=_HERE,
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"client {client} ({n} agents) failed: {result.stderr[-2000:]}")
-    (sample,) = json.loads(result.stdout.strip().splitlines()[-1])
     if sample["answered"] != n:
         raise RuntimeError(f"client {client}: {sample['answered']} of {n} agents answered")
     return sample

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import gc
+import json
 import os
 import platform
 import resource
@@ -35,6 +36,7 @@ __all__ = [
     "fmt_stats",
     "fmt_time",
     "interleave",
+    "run_child_json",
     "time_call",
 ]
 
@@ -139,6 +141,23 @@ def time_call(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def run_child_json(
+    argv: Sequence[str], *, what: str, timeout: float, cwd: Path | None = None
+) -> Any:
+    """Run a child process and return the JSON of the last line it printed.
+
+    Raises:
+        RuntimeError: The child failed; the message names ``what`` and ends with the
+            tail of its standard error.
+    """
+    result = subprocess.run(  # noqa: S603 - our own scripts, fixed arguments
+        list(argv), capture_output=True, text=True, timeout=timeout, check=False, cwd=cwd
+    )
+    if result.returncode != 0:
+        raise RuntimeError(f"{what} failed:\n{result.stderr[-2000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def interleave(fns: Sequence[Callable[[], object]], repeats: int) -> list[Stats]:

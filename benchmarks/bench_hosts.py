@@ -20,13 +20,11 @@ persistent loop), measured in the same interpreter just before:
 
 from __future__ import annotations
 
-import json
-import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-from bench_common import Config, Row, Stats, fmt_ratio, fmt_stats
+from bench_common import Config, Row, Stats, fmt_ratio, fmt_stats, run_child_json
 
 __all__ = ["hosts"]
 
@@ -123,16 +121,11 @@ _HOSTS = (
 
 def _run_child(host: str, n: int, repeats: int) -> dict[str, list[float]]:
     here = Path(__file__).resolve().parent
-    result = subprocess.run(  # noqa: S603 - this interpreter, fixed code
+    return run_child_json(
         [sys.executable, "-c", textwrap.dedent(_CHILD), str(here), host, str(n), str(repeats)],
-        capture_output=True,
-        text=True,
+        what=f"hosts benchmark child ({host})",
         timeout=600,
-        check=False,
     )
-    if result.returncode != 0:
-        raise RuntimeError(f"hosts benchmark child ({host}) failed:\n{result.stderr[-2000:]}")
-    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 def hosts(cfg: Config) -> list[Row]:

@@ -23,13 +23,21 @@ import asyncio
 import contextlib
 import gc
 import json
-import subprocess
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import mesa
-from bench_common import Config, Row, Stats, fmt_ratio, fmt_stats, fmt_time, interleave
+from bench_common import (
+    Config,
+    Row,
+    Stats,
+    fmt_ratio,
+    fmt_stats,
+    fmt_time,
+    interleave,
+    run_child_json,
+)
 
 from mesa_llm_parallel import _collector, enable_automatic_parallel_stepping, settings
 from mesa_llm_parallel import _placement as placement
@@ -105,13 +113,11 @@ def peak_memory_above(fn: Callable[[], object]) -> float | None:
 
 def _memory_in_child(variant: str, n: int) -> float | None:
     """:func:`peak_memory_above` one first step, in a fresh interpreter (no reused arenas)."""
-    result = subprocess.run(  # noqa: S603 - this file, fixed arguments
+    value = run_child_json(
         [sys.executable, str(Path(__file__).resolve()), "memory", variant, str(n)],
-        capture_output=True,
-        text=True,
-        check=True,
+        what=f"memory child ({variant}, {n:,} agents)",
+        timeout=600,
     )
-    value = json.loads(result.stdout.strip().splitlines()[-1])
     return None if value is None else float(value)
 
 

@@ -271,31 +271,6 @@ def _make_call(
     return call
 
 
-def _make_call_at(
-    call: Callable[[Any, str | None], Any], plain: bool
-) -> Callable[[int, Any, str | None], Any]:
-    """``call`` with the agent's position set first (run in the agent's context copy).
-
-    ``plain``: the step passes no arguments, so a named method is called directly.
-    """
-    set_position = current_position.set
-    if plain:
-
-        def call_at(position: int, agent: Any, name: str | None) -> Any:
-            set_position(position)
-            if name is None:
-                return call(agent, None)
-            return getattr(agent, name)()
-
-    else:
-
-        def call_at(position: int, agent: Any, name: str | None) -> Any:
-            set_position(position)
-            return call(agent, name)
-
-    return call_at
-
-
 def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutError:
     error = TimeoutError(f"agent {agent!r} did not finish within the {seconds:g} s timeout")
     if in_thread:
@@ -332,8 +307,6 @@ class Step:
         self.args = args
         self.kwargs = kwargs
         self.call = _make_call(method, args, kwargs)
-        #: ``call`` with the agent's position set first (see :func:`_make_call_at`).
-        self.call_at = _make_call_at(self.call, not args and not kwargs)
         self.plain = not args and not kwargs  # the method is called without arguments
         self.cfg = cfg
         self.mode = mode
@@ -347,7 +320,6 @@ class Step:
         self.stop = False
         #: Set with ``stop`` (see :meth:`halt`): wakes runners waiting for a start slot.
         self.halted = threading.Event()
-        self._halt_waiter: tuple[asyncio.AbstractEventLoop, asyncio.Future[None]] | None = None
         #: The process-wide cap on agents in flight this step obeys (None: no cap).
         self.cap = cfg.max_concurrency
         #: Permits lent by the agent that started this step (it holds one while it waits
@@ -384,30 +356,32 @@ class Step:
         entry = self.entries[position]
         return entry() if isinstance(entry, weakref.ref) else entry
 
+    def call_inline(self, position: int, agent: Any, name: str | None) -> None:
+        """Call one agent right here, in its own copy of the caller's context.
+
+        Its position is on the turnstile for the duration of the call (one agent runs
+        inline at a time per step), not in a context variable: setting one per agent
+        would cost more than the call of a cheap agent. ``_AsyncStep._fill`` does the
+        same with the steps spelled out, on its hot path.
+        """
+        turns = self.turns
+        turns.inline_position = position
+        try:
+            if self.plain and name is not None:
+                self.inline_context.copy().run(getattr(agent, name))
+            else:
+                self.inline_context.copy().run(self.call, agent, name)
+        finally:
+            turns.inline_position = -1
+
     # -- stopping -------------------------------------------------------------------
     def halt(self) -> None:
-        """Start no more agents; wake every runner that waits for a start slot."""
+        """Start no more agents; wake every threading-mode runner that waits for a slot.
+
+        (An asyncio step drops its own waiting starts when it next settles.)
+        """
         self.stop = True
         self.halted.set()
-        waiter = self._halt_waiter
-        if waiter is not None:
-            loop, future = waiter
-            if asyncio._get_running_loop() is loop:
-                _set_done(future)
-            else:
-                with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
-                    loop.call_soon_threadsafe(_set_done, future)
-
-    async def wait_halted(self, seconds: float) -> None:
-        """Wait ``seconds``, or less if the step halts meanwhile (on the step's loop)."""
-        waiter = self._halt_waiter
-        if waiter is None:
-            loop = asyncio.get_running_loop()
-            waiter = self._halt_waiter = (loop, loop.create_future())
-            if self.stop:
-                _set_done(waiter[1])
-        if not waiter[1].done():
-            await asyncio.wait([waiter[1]], timeout=seconds)
 
     # -- runners ----------------------------------------------------------------------
     def claim(self) -> int | None:
@@ -609,12 +583,6 @@ async def _bounded(coro: Coroutine[Any, Any, Any], seconds: float) -> None:
         raise
 
 
-def _in_position(position: int, call: Callable[..., Any], agent: Any, name: str | None) -> Any:
-    """Call one agent with its position set (run inside the agent's own context copy)."""
-    current_position.set(position)
-    return call(agent, name)
-
-
 def _pool_job(
     position: int,
     call: Callable[..., Any],
@@ -732,7 +700,6 @@ class _AsyncStep:
         self.active = 0
         self.exhausted = False  # every position has been claimed
         self.fill_pending = False  # a slice of the start loop is scheduled
-        self.drain_pending = False  # a slice of the worker queue's drain is scheduled
         self.stopping = False  # the step is being abandoned (interrupt, cancellation)
         self.slot_waits: set[_SlotWait] = set()
         self.rated_claims = 0  # positions taken in a rate slot (with a rate limit)
@@ -958,7 +925,7 @@ class _AsyncStep:
                 self._start_agent(position, agent, decision)
                 now = perf_counter()
                 continue
-            # An inline agent, in its own copy of the caller's context.
+            # An inline agent: Step.call_inline, spelled out (this loop is the hot path).
             started = now
             ran += 1
             name = decision.name
@@ -1149,7 +1116,7 @@ class _AsyncStep:
             if decision.kind == _NOOP:
                 step.call(agent, decision.name)
             else:
-                step.context.copy().run(step.call_at, position, agent, decision.name)
+                step.call_inline(position, agent, decision.name)
         except Exception as exc:
             if self.cap is not None:
                 self._release(position)
@@ -1353,7 +1320,6 @@ class _AsyncStep:
         instead (a class is observed in the pool first: in a step of many such agents,
         most of them are queued here by the time it is judged).
         """
-        self.drain_pending = False
         step = self.step
         queue = self.waiting_for_worker
         decisions = self.dispatch.decisions
@@ -1375,7 +1341,6 @@ class _AsyncStep:
                 self.active -= 1
                 self._run_inline(position, agent, decision)
                 if time.perf_counter() > sliced_at and queue:
-                    self.drain_pending = True
                     self.loop.call_soon(self._drain)
                     return
             elif self.free_workers:
