@@ -6,7 +6,8 @@ to make ``model.agents.shuffle_do("step")`` run the agents concurrently.
 
 Core objects: :data:`settings` (the live settings), the functions of
 :mod:`mesa_llm_parallel.parallel_stepping`, :func:`ashuffle_do` for async code,
-:func:`in_turn` for ordered effects, and :func:`last_step_report`.
+:func:`in_turn` for ordered effects, :func:`last_step_report`, and :func:`batch_run` for
+sweeps of many runs under one quota.
 """
 
 from __future__ import annotations
@@ -26,11 +27,13 @@ from mesa_llm_parallel._settings import (
     DEFAULT_MAX_WORKERS,
     ERROR_POLICIES,
     MODES,
+    NOT_GIVEN,
     Settings,
     SettingsSnapshot,
     UnknownSettingError,
     settings,
 )
+from mesa_llm_parallel.batchrunner import BatchRows, RunFailure, batch_run
 from mesa_llm_parallel.parallel_stepping import (
     ashuffle_do,
     disable_automatic_parallel_stepping,
@@ -63,9 +66,12 @@ __all__ = [
     "DEFAULT_MAX_WORKERS",
     "ERROR_POLICIES",
     "MODES",
+    "NOT_GIVEN",
     "AgentFailure",
+    "BatchRows",
     "NestingTooDeepError",
     "Placement",
+    "RunFailure",
     "Settings",
     "SettingsSnapshot",
     "StepReport",
@@ -74,6 +80,7 @@ __all__ = [
     "__version__",
     "add_step_callback",
     "ashuffle_do",
+    "batch_run",
     "disable_automatic_parallel_stepping",
     "enable_automatic_parallel_stepping",
     "home_loop",

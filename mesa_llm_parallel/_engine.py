@@ -720,6 +720,11 @@ class _AsyncStep:
         self.done = loop.create_future()
         self.starts = array.array("d", bytes(8 * step.n))  # start time by position
         self._task_done_cb = self._task_done
+        #: The agents' unfinished tasks. The loop keeps only weak references to tasks:
+        #: a task awaiting something held weakly (an asyncio stream's reader, which its
+        #: protocol references weakly) would otherwise be collected mid-await, and its
+        #: agent would never end.
+        self.tasks: set[asyncio.Task[Any]] = set()
 
     # -- the driver -------------------------------------------------------------------
     async def run(self) -> None:
@@ -866,6 +871,7 @@ class _AsyncStep:
         plain = step.plain
         task_context, set_position = step.context.copy, current_position.set
         create_task, task_done = self.loop.create_task, self._task_done_cb
+        keep = self.tasks.add
         starts, timeout, args, kwargs = self.starts, self.timeout, step.args, step.kwargs
         progress, perf_counter = step.progress, time.perf_counter
         stall_bound = placement.STALL_BOUND
@@ -920,6 +926,7 @@ class _AsyncStep:
                         step.finish(position, agent, now, exc)
                         continue
                     self.active += 1
+                    keep(task)
                     task.add_done_callback(task_done, context=context)
                     continue
                 self._start_agent(position, agent, decision)
@@ -1149,6 +1156,7 @@ class _AsyncStep:
             step.finish(position, agent, started, exc)
             return
         self.active += 1
+        self.tasks.add(task)
         task.add_done_callback(self._task_done_cb, context=context)
 
     def _own_tasks(self) -> list[asyncio.Task[Any]]:
@@ -1165,6 +1173,7 @@ class _AsyncStep:
         ]
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self.tasks.discard(task)
         position = task.get_context()[current_position]
         if self.cap is not None:
             self._release(position)

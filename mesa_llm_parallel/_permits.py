@@ -27,7 +27,7 @@ import contextvars
 import os
 import threading
 from collections.abc import Callable
-from typing import Final
+from typing import Any, Final
 
 __all__ = ["Permits", "holds_permit", "permits"]
 
@@ -68,14 +68,20 @@ class Permits:
         self._lock = threading.Lock()
         self._held = 0
         self._waiters: collections.deque[tuple[int, _Waiter]] = collections.deque()
+        #: While a batch run's processes share one quota, its permits: every call
+        #: below goes there instead (see :mod:`mesa_llm_parallel._shared`).
+        self.shared: Any = None
 
     @property
     def held(self) -> int:
-        """Permits held now, in the whole process."""
-        return self._held
+        """Permits held now, by this process."""
+        shared = self.shared
+        return self._held if shared is None else shared.held
 
     def try_acquire(self, limit: int) -> bool:
         """Take a permit if fewer than ``limit`` are held and nobody waits before us."""
+        if (shared := self.shared) is not None:
+            return shared.try_acquire(limit)
         with self._lock:
             if self._held < limit and not self._waiters:
                 self._held += 1
@@ -89,6 +95,8 @@ class Permits:
 
         The returned waiter can be withdrawn with :meth:`withdraw`.
         """
+        if (shared := self.shared) is not None:
+            return shared.acquire_soon(limit, loop, callback)
         with self._lock:
             if self._held < limit and not self._waiters:
                 self._held += 1
@@ -99,6 +107,8 @@ class Permits:
 
     def acquire(self, limit: int, halted: threading.Event) -> bool:
         """Block until a permit is free (True) or ``halted`` is set (False)."""
+        if (shared := self.shared) is not None:
+            return shared.acquire(limit, halted)
         with self._lock:
             if self._held < limit and not self._waiters:
                 self._held += 1
@@ -114,6 +124,9 @@ class Permits:
 
     def withdraw(self, waiter: _Waiter) -> None:
         """Stop waiting; a permit granted meanwhile is given back."""
+        if (shared := self.shared) is not None:
+            shared.withdraw(waiter)
+            return
         with self._lock:
             for index, (_, queued) in enumerate(self._waiters):
                 if queued is waiter:
@@ -124,6 +137,9 @@ class Permits:
 
     def release(self) -> None:
         """Give a permit back: to the oldest waiter whose limit allows it, else the pool."""
+        if (shared := self.shared) is not None:
+            shared.release()
+            return
         while True:
             with self._lock:
                 handed = None
@@ -147,6 +163,7 @@ class Permits:
                 continue  # hand the permit on
 
     def _reset(self) -> None:
+        self.shared = None
         self._lock = threading.Lock()
         self._held = 0
         self._waiters = collections.deque()

@@ -17,6 +17,7 @@ import math
 import os
 import threading
 import time
+from typing import Any
 
 __all__ = ["StartRateLimiter", "limiter"]
 
@@ -24,9 +25,12 @@ __all__ = ["StartRateLimiter", "limiter"]
 class StartRateLimiter:
     """Hands out evenly spaced start times (thread-safe)."""
 
-    __slots__ = ("_lock", "_next", "_returned")
+    __slots__ = ("_lock", "_next", "_returned", "shared")
 
     def __init__(self) -> None:
+        #: While a batch run's processes share one quota, their schedule: reservations
+        #: go there instead (see :mod:`mesa_llm_parallel._shared`).
+        self.shared: Any = None
         self._lock = threading.Lock()
         self._next = 0.0  # the first slot after every slot handed out
         self._returned: list[float] = []  # given-back slots before _next, sorted
@@ -38,6 +42,8 @@ class StartRateLimiter:
             ``(slot, wait)``: the slot (a :func:`time.monotonic` time), to pass to
             :meth:`give_back` if it is not used, and the seconds to wait for it.
         """
+        if (shared := self.shared) is not None:
+            return shared.reserve(rate)  # type: ignore[no-any-return]
         now = time.monotonic()
         with self._lock:
             returned = self._returned
@@ -54,6 +60,9 @@ class StartRateLimiter:
 
     def give_back(self, slot: float, rate: float) -> None:
         """Return an unused ``slot`` from :meth:`reserve` (made at the same ``rate``)."""
+        if (shared := self.shared) is not None:
+            shared.give_back(slot, rate)
+            return
         interval = 1.0 / rate
         with self._lock:
             returned = self._returned
@@ -69,6 +78,7 @@ class StartRateLimiter:
                 bisect.insort(returned, slot)
 
     def _reset_after_fork(self) -> None:
+        self.shared = None
         self._lock = threading.Lock()
 
 

@@ -11,17 +11,21 @@ while the step runs applies from the next step on.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
+import enum
 import math
 import os
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Final, Literal
 
 __all__ = [
     "DEFAULT_MAX_WORKERS",
     "ERROR_POLICIES",
     "MODES",
+    "NOT_GIVEN",
     "Settings",
     "SettingsSnapshot",
     "UnknownSettingError",
@@ -49,6 +53,24 @@ ERROR_POLICIES: Final = ("raise", "collect")
 DEFAULT_MAX_WORKERS: Final = 64
 
 Mode = Literal["asyncio", "threading"]
+
+
+class _NotGiven(enum.Enum):
+    NOT_GIVEN = "NOT_GIVEN"
+
+    def __repr__(self) -> str:
+        return "NOT_GIVEN"
+
+
+#: The default of an option that was not passed: the current setting applies. ``None``
+#: always means "no limit" (for ``max_concurrency``, ``rate_limit``, ``timeout``).
+NOT_GIVEN: Final = _NotGiven.NOT_GIVEN
+
+#: Settings that replace the live ones for the steps started in this context (see
+#: :meth:`Settings.scoped`), or None.
+_scope: contextvars.ContextVar[Mapping[str, Any] | None] = contextvars.ContextVar(
+    "mesa_llm_parallel_settings_scope", default=None
+)
 
 
 class UnknownSettingError(AttributeError, TypeError):
@@ -287,8 +309,35 @@ class Settings:
 
     # -- reading -----------------------------------------------------------------
     def snapshot(self) -> SettingsSnapshot:
-        """Return the current values as one immutable object (no locking needed)."""
-        return self._current
+        """Return the current values as one immutable object (no locking needed).
+
+        Inside :meth:`scoped`, the scoped values replace the live ones.
+        """
+        scope = _scope.get()
+        if scope is None:
+            return self._current
+        return dataclasses.replace(self._current, **scope)
+
+    @contextlib.contextmanager
+    def scoped(self, **values: object) -> Iterator[None]:
+        """Use ``values`` instead of the live settings in this context only.
+
+        Steps started in the ``with`` block, and in threads and tasks that copy its
+        context, see ``values``; the live settings, and every other context, are
+        untouched. :func:`~mesa_llm_parallel.batch_run` runs each model this way.
+        Values are validated first (as :meth:`update`); scopes nest, the inner one
+        winning.
+
+        Raises:
+            UnknownSettingError, TypeError, ValueError: As :meth:`validate`.
+        """
+        clean = self.validate(**values)
+        outer = _scope.get()
+        token = _scope.set({**outer, **clean} if outer else clean)
+        try:
+            yield
+        finally:
+            _scope.reset(token)
 
     def as_dict(self) -> dict[str, Any]:
         """Return the current values as a plain dict."""

@@ -716,3 +716,38 @@ def test_the_next_step_does_not_queue_behind_agents_still_stuck_in_threads(mode,
     assert not model.release.is_set()
     assert mlp.last_step_report(model).completed == 2
     model.release.set()
+
+
+def test_an_agent_awaiting_something_held_only_weakly_is_not_collected_mid_step():
+    # The loop keeps weak references to tasks; an asyncio stream's reader is held weakly
+    # by its protocol. An agent task awaiting such a future must stay alive through a
+    # garbage collection, or its step never ends.
+    import gc
+    import weakref
+
+    pending: list[weakref.ref] = []
+
+    class Waiting(mesa.Agent):
+        async def astep(self):
+            future = asyncio.get_running_loop().create_future()
+            pending.append(weakref.ref(future))
+            await future
+
+    def resolve():
+        for ref in pending:
+            future = ref()
+            if future is not None and not future.done():
+                future.set_result(None)
+
+    model = mesa.Model(rng=1)
+    for _ in range(5):
+        Waiting(model)
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.05, gc.collect)
+        loop.call_later(0.1, resolve)
+        await asyncio.wait_for(mlp.step_agents_parallel(model.agents), 5)
+
+    asyncio.run(main())
+    assert len(pending) == 5
