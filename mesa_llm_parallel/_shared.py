@@ -27,6 +27,7 @@ from __future__ import annotations
 import bisect
 import collections
 import contextlib
+import functools
 import logging
 import math
 import os
@@ -99,6 +100,8 @@ class SharedPermits:
     """
 
     def __init__(self, semaphore: _Semaphore) -> None:
+        #: Called (with no lock held) when the last permit out comes back.
+        self.on_idle: Callable[[], None] | None = None
         self._semaphore = semaphore
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
@@ -143,14 +146,16 @@ class SharedPermits:
     def release(self) -> None:
         with self._lock:
             self.held -= 1
+            idle = self.held == 0
         self._releases.put(True)
+        if idle and self.on_idle is not None:
+            self.on_idle()
 
     def close(self) -> None:
-        """Stop the threads once every lease went back (called when the batch leaves)."""
+        """Stop taking leases; the threads end once every lease went back."""
         with self._lock:
             self._closed = True
             self._wake.notify_all()
-        self._releases.put(False)
 
     def _enqueue(self, waiter: _Waiter) -> None:
         with self._lock:
@@ -158,28 +163,30 @@ class SharedPermits:
             self._wake.notify()
 
     def _acquire_loop(self) -> None:
-        while True:
-            with self._lock:
-                while not self._waiters and not self._closed:
-                    self._wake.wait()
-                if self._closed:
-                    return
-            try:
-                leased = self._semaphore.acquire(timeout=_ACQUIRE_POLL)
-            except Exception:
-                # The store is gone (the batch ended, or its caller or cluster died):
-                # the runs of this process are being stopped; waiters withdraw.
-                if not self._closed and not self._store_lost:
-                    self._store_lost = True
-                    logger.warning(
-                        "mesa_llm_parallel: the batch's shared concurrency cap is unreachable",
-                        exc_info=True,
-                    )
-                time.sleep(_ACQUIRE_POLL)
-                continue
-            if not leased:
-                continue
-            self._grant()
+        try:
+            while True:
+                with self._lock:
+                    while not self._waiters and not self._closed:
+                        self._wake.wait()
+                    if self._closed:
+                        return
+                try:
+                    leased = self._semaphore.acquire(timeout=_ACQUIRE_POLL)
+                except Exception:
+                    # The store is gone (the batch ended, or its caller or cluster
+                    # died): the runs of this process are being stopped; waiters withdraw.
+                    if not self._closed and not self._store_lost:
+                        self._store_lost = True
+                        logger.warning(
+                            "mesa_llm_parallel: the batch's shared concurrency cap is unreachable",
+                            exc_info=True,
+                        )
+                    time.sleep(_ACQUIRE_POLL)
+                    continue
+                if leased:
+                    self._grant()  # or, withdrawn meanwhile, queued to go back
+        finally:
+            self._releases.put(False)  # after every release queued so far
 
     def _grant(self) -> None:
         """A lease was taken: the oldest waiter gets it, or it goes back."""
@@ -247,10 +254,11 @@ class SharedSlots:
 
 # -- joining ----------------------------------------------------------------------------
 class _Membership:
-    __slots__ = ("count", "key", "permits", "watchers")
+    __slots__ = ("closing", "count", "key", "permits", "watchers")
 
     def __init__(self, key: str, shared_permits: SharedPermits | None) -> None:
         self.key = key
+        self.closing = False  # its last run ended; permits of calls still running are out
         self.count = 0
         self.permits = shared_permits
         self.watchers: list[Callable[[], None]] = []
@@ -261,6 +269,7 @@ class _Process:
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.member: _Membership | None = None
 
 
@@ -271,36 +280,53 @@ class QuotaBusyError(RuntimeError):
     """This process already runs the runs of another batch under another quota."""
 
 
+#: How long a run waits for the previous batch's calls still running in this process
+#: (calls that outlived a timeout or an interrupt) to give their permits back, in seconds.
+_DRAIN_WAIT: Final = 30.0
+
+
 def join(quota: Quota, on_stop: Callable[[], None]) -> None:
     """Plug ``quota`` into this process for one run; ``on_stop`` runs if the batch stops.
 
     Raises:
-        QuotaBusyError: The process already runs another batch's runs, under its quota.
+        QuotaBusyError: The process runs another batch's runs, under its quota (or its
+            calls still out did not end within :data:`_DRAIN_WAIT` seconds).
     """
+    deadline = time.monotonic() + _DRAIN_WAIT
     with _process.lock:
-        member = _process.member
-        if member is not None and member.key != quota.key:
-            raise QuotaBusyError(
-                "this process already runs another batch_run's runs under that batch's "
-                "quota; run one batch at a time per worker process, or give each batch "
-                "its own workers"
-            )
+        while (member := _process.member) is not None and member.key != quota.key:
+            left = deadline - time.monotonic()
+            if not member.closing or left <= 0:
+                out = member.permits.held if member.permits is not None else 0
+                raise QuotaBusyError(
+                    "this process already runs another batch_run's runs under that batch's "
+                    f"quota ({out} of its calls still out); run one batch at a time per "
+                    "worker process, or give each batch its own workers"
+                )
+            _process.changed.wait(left)  # its last calls are about to give permits back
         if member is None:
             semaphore = quota.semaphore()
             shared_permits = SharedPermits(semaphore) if semaphore is not None else None
             member = _Membership(quota.key, shared_permits)
+            if shared_permits is not None:
+                shared_permits.on_idle = functools.partial(_unplug_when_done, member)
             permits.shared = shared_permits
             limiter.shared = SharedSlots(quota)
             _process.member = member
             threading.Thread(
                 target=_watch, args=(quota, member), name="mesa-llm-parallel-stop", daemon=True
             ).start()
+        member.closing = False
         member.count += 1
         member.watchers.append(on_stop)
 
 
 def leave(on_stop: Callable[[], None]) -> None:
-    """The run that joined with ``on_stop`` has ended: unplug the quota after the last."""
+    """The run that joined with ``on_stop`` has ended: unplug the quota after the last.
+
+    Permits still out (calls running on in threads) go back to the batch's store first:
+    the quota stays plugged in until they have.
+    """
     with _process.lock:
         member = _process.member
         if member is None:
@@ -310,9 +336,20 @@ def leave(on_stop: Callable[[], None]) -> None:
         member.count -= 1
         if member.count > 0:
             return
+        member.closing = True
+    _unplug_when_done(member)
+
+
+def _unplug_when_done(member: _Membership) -> None:
+    with _process.lock:
+        if _process.member is not member or not member.closing:
+            return
+        if member.permits is not None and member.permits.held > 0:
+            return  # called again by the last permit to come back
         _process.member = None
         permits.shared = None
         limiter.shared = None
+        _process.changed.notify_all()
     if member.permits is not None:
         member.permits.close()
 
@@ -455,4 +492,9 @@ class DaskQuota:
             self._stop.set()  # wakes every worker's watcher, which then finds no runs
         if self._semaphore is not None:
             with contextlib.suppress(Exception):
+                # Leases of runs just stopped go back from the workers' release threads
+                # a moment after the runs return: give them that moment.
+                deadline = time.monotonic() + 2.0
+                while self._semaphore.get_value() and time.monotonic() < deadline:
+                    time.sleep(0.05)
                 self._semaphore.close()

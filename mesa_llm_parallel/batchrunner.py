@@ -135,26 +135,39 @@ class _RunControl:
     def leave(self) -> None:
         with self._lock:
             if self._stepping and self._sent:
-                _raise_in_thread(self._thread, None)  # still pending: withdrawn
+                _raise_in_thread(self._thread, None)  # still pending (if sent so): withdrawn
             self._stepping = False
 
     def cancel(self) -> None:
+        """Stop the run: at its next step, or now, inside the step it is taking.
+
+        A step in asyncio mode is stopped between two callbacks of its loop, where the
+        engine's bookkeeping (permits, counters) is never half done: the stop is raised
+        there as an interrupt, and the step unwinds as after a Ctrl-C. A thread that
+        waits for a threading-mode step, and runs no loop, gets it raised in that wait.
+        """
         with self._lock:
             self.cancelled = True
             if not self._stepping or self._sent:
                 return
             self._sent = True
-            _raise_in_thread(self._thread, _RunCancelledError)
             model = self._model() if self._model is not None else None
-        # A loop waiting on sockets runs no bytecode: wake it so that it sees the error.
-        loop = _loops.home_loop(model) if model is not None else None
-        if loop is not None:
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(_nothing)
+            loop = _loops.home_loop(model) if model is not None else None
+            if loop is not None and loop.is_running():
+                with contextlib.suppress(RuntimeError):  # closed meanwhile
+                    loop.call_soon_threadsafe(self._raise_here)
+                    return
+            _raise_in_thread(self._thread, _RunCancelledError)
 
-
-def _nothing() -> None:
-    pass
+    def _raise_here(self) -> None:
+        """On the loop of the run's step: raise the stop if this is the run's thread."""
+        with self._lock:
+            if not self._stepping:
+                return  # the run ended meanwhile
+            if threading.get_ident() != self._thread:  # a loop shared with other threads
+                _raise_in_thread(self._thread, _RunCancelledError)
+                return
+        raise _RunCancelledError
 
 
 @dataclasses.dataclass(slots=True)
