@@ -45,7 +45,10 @@ Scenarios (each is one or more rows of the printed table, with its target):
     with the peak memory of each step (and, at 100,000, where the time goes);
 14. ``clients``: the CPU per chat completion of openai's httpx and aiohttp transports
     and of litellm, 1,000 and 5,000 agents x 500 ms, each client in a process of its own
-    (needs ``.cache/venv-mesa-llm``).
+    (needs ``.cache/venv-mesa-llm``);
+15. ``sweep``: 16 runs x 50 agents x 5 steps under one server quota (100 requests/s,
+    64 in flight, 200 ms): Mesa's ``batch_run``, ours in one process, ours on a 2-worker
+    Dask cluster, against the time the quota allows.
 
 The machine is assumed shared and noisy: variants are interleaved within one run and
 figures are medians of repeats (minimum beside them). Compare ratios, not absolute
@@ -75,6 +78,7 @@ from bench_machinery import machinery
 from bench_ratelimit import rate_limit
 from bench_reference import reference
 from bench_scale import mixed, scale
+from bench_sweep import sweep
 
 import mesa_llm_parallel
 
@@ -93,6 +97,7 @@ SCENARIOS: dict[str, Callable[[Config], list[Row]]] = {
     "mixed": mixed,
     "scale": scale,
     "clients": clients,
+    "sweep": sweep,
 }
 #: Scenarios run only when named with --only.
 OPT_IN = ("client-pool",)

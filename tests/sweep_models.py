@@ -17,7 +17,9 @@ import mesa
 
 
 def _body(prompt: str) -> bytes:
-    return json.dumps({"model": "loopback", "messages": [{"role": "user", "content": prompt}]}).encode()
+    return json.dumps(
+        {"model": "loopback", "messages": [{"role": "user", "content": prompt}]}
+    ).encode()
 
 
 def _answer(status: int, payload: bytes) -> str:
@@ -32,7 +34,10 @@ def ask(base_url: str, prompt: str) -> str:
     connection = http.client.HTTPConnection(url.hostname, url.port, timeout=30)
     try:
         connection.request(
-            "POST", url.path + "/chat/completions", _body(prompt), {"Content-Type": "application/json"}
+            "POST",
+            url.path + "/chat/completions",
+            _body(prompt),
+            {"Content-Type": "application/json"},
         )
         response = connection.getresponse()
         return _answer(response.status, response.read())

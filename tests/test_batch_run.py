@@ -91,7 +91,11 @@ def test_rows_equal_mesas_batch_run_for_the_same_seeds(mode, period):
     expected = mesa_rows(Economy, params, rng=[7, 8], max_steps=5, data_collection_period=period)
     mlp.enable_automatic_parallel_stepping(mode=mode)
     rows = mlp.batch_run(
-        Economy, params, rng=[7, 8], max_steps=5, data_collection_period=period,
+        Economy,
+        params,
+        rng=[7, 8],
+        max_steps=5,
+        data_collection_period=period,
         display_progress=False,
     )
     assert rows == expected
@@ -101,15 +105,27 @@ def test_rows_equal_mesas_batch_run_for_the_same_seeds(mode, period):
 @pytest.mark.mesa_min("3.5.1", "the rows of Mesa 3.5.1's batch_run, rng= included")
 def test_rows_equal_mesas_for_seed_models_model_reporters_only_and_iterations():
     expected = mesa_rows(SeededEconomy, {"n": 3, "bonus": [1, 2]}, rng=[3], max_steps=3)
-    assert mlp.batch_run(
-        SeededEconomy, {"n": 3, "bonus": [1, 2]}, rng=[3], max_steps=3, display_progress=False
-    ) == expected
+    assert (
+        mlp.batch_run(
+            SeededEconomy, {"n": 3, "bonus": [1, 2]}, rng=[3], max_steps=3, display_progress=False
+        )
+        == expected
+    )
     assert "seed" in expected[0] and "rng" not in expected[0]
-    expected = mesa_rows(Quiet, {"level": [1, 2]}, rng=[1, 2], max_steps=4, data_collection_period=1)
-    assert mlp.batch_run(
-        Quiet, {"level": [1, 2]}, rng=[1, 2], max_steps=4, data_collection_period=1,
-        display_progress=False,
-    ) == expected
+    expected = mesa_rows(
+        Quiet, {"level": [1, 2]}, rng=[1, 2], max_steps=4, data_collection_period=1
+    )
+    assert (
+        mlp.batch_run(
+            Quiet,
+            {"level": [1, 2]},
+            rng=[1, 2],
+            max_steps=4,
+            data_collection_period=1,
+            display_progress=False,
+        )
+        == expected
+    )
     with pytest.warns(DeprecationWarning):
         expected = mesa_rows(Quiet, {"level": 3}, iterations=2, max_steps=2)
     with pytest.warns(DeprecationWarning, match="iterations"):
@@ -124,8 +140,12 @@ def test_rows_match_the_models_own_data_frames_on_every_mesa(mode):
     expected = reference_rows(Economy, parameter_sets, [11, 12], max_steps=3)
     mlp.enable_automatic_parallel_stepping(mode=mode)
     rows = mlp.batch_run(
-        Economy, {"n": [2, 3], "bonus": [0, 4]}, rng=[11, 12], max_steps=3,
-        data_collection_period=1, display_progress=False,
+        Economy,
+        {"n": [2, 3], "bonus": [0, 4]},
+        rng=[11, 12],
+        max_steps=3,
+        data_collection_period=1,
+        display_progress=False,
     )
     # The parameter product also holds the two mixed sets; compare the ones built above.
     chosen = [r for r in rows if (r["n"], r["bonus"]) in {(2, 0), (3, 4)}]
@@ -220,8 +240,11 @@ def test_a_failing_run_never_stops_the_others_and_is_raised_with_the_rows(mode):
     params = {"n": 2, "bonus": [0, 1, 2, 3], "fail_at": None}
     with pytest.raises(ValueError, match="bonus=0 failed") as caught:
         mlp.batch_run(
-            Economy, {**params, "bonus": [0, 1, 2, 3], "fail_at": [None, 2]},
-            rng=[5], max_steps=3, display_progress=False,
+            Economy,
+            {**params, "bonus": [0, 1, 2, 3], "fail_at": [None, 2]},
+            rng=[5],
+            max_steps=3,
+            display_progress=False,
         )
     error = caught.value
     failures = error.mesa_llm_parallel_run_failures
@@ -234,8 +257,12 @@ def test_a_failing_run_never_stops_the_others_and_is_raised_with_the_rows(mode):
     assert "4 of 8 runs failed" in "\n".join(error.__notes__)
 
     collected = mlp.batch_run(
-        Economy, {**params, "fail_at": [None, 2]}, rng=[5], max_steps=3,
-        display_progress=False, on_error="collect",
+        Economy,
+        {**params, "fail_at": [None, 2]},
+        rng=[5],
+        max_steps=3,
+        display_progress=False,
+        on_error="collect",
     )
     assert collected == rows
     assert [f.run_id for f in collected.failures] == [1, 3, 5, 7]
@@ -252,8 +279,12 @@ def test_runs_overlap_under_one_cap_counted_at_the_server(mode):
     mlp.enable_automatic_parallel_stepping(mode=mode)
     with LoopbackLLMServer(latency=0.05) as server:
         rows = mlp.batch_run(
-            Survey, {"n": 3, "topic": ["tea", "coffee"], "base_url": server.base_url},
-            rng=[1, 2, 3], max_steps=3, display_progress=False, max_concurrency=7,
+            Survey,
+            {"n": 3, "topic": ["tea", "coffee"], "base_url": server.base_url},
+            rng=[1, 2, 3],
+            max_steps=3,
+            display_progress=False,
+            max_concurrency=7,
         )
         stats = server.stats()
     assert stats.completed == 6 * 3 * 3 and stats.rate_limited == 0
@@ -269,8 +300,12 @@ def test_a_shared_rate_limit_at_90_percent_of_the_quota_gets_no_429(mode):
     mlp.enable_automatic_parallel_stepping(mode=mode)
     with LoopbackLLMServer(latency=0.02, rate_limit=40) as server:
         mlp.batch_run(
-            Survey, {"n": 4, "topic": ["a", "b", "c"], "base_url": server.base_url},
-            rng=[1, 2], max_steps=2, display_progress=False, rate_limit=36,
+            Survey,
+            {"n": 4, "topic": ["a", "b", "c"], "base_url": server.base_url},
+            rng=[1, 2],
+            max_steps=2,
+            display_progress=False,
+            rate_limit=36,
         )
         stats = server.stats()
     assert stats.rate_limited == 0 and stats.completed == 6 * 4 * 2
@@ -280,14 +315,19 @@ def test_the_current_settings_apply_when_no_quota_is_given():
     mlp.enable_automatic_parallel_stepping(mode="asyncio", max_concurrency=2)
     with LoopbackLLMServer(latency=0.03) as server:
         mlp.batch_run(
-            Survey, {"n": 3, "topic": ["x", "y"], "base_url": server.base_url},
-            max_steps=2, display_progress=False,
+            Survey,
+            {"n": 3, "topic": ["x", "y"], "base_url": server.base_url},
+            max_steps=2,
+            display_progress=False,
         )
         assert server.stats().peak_concurrency == 2
         server.reset_stats()
         mlp.batch_run(  # None: no cap, whatever the settings say
-            Survey, {"n": 3, "topic": ["x", "y"], "base_url": server.base_url},
-            max_steps=1, display_progress=False, max_concurrency=None,
+            Survey,
+            {"n": 3, "topic": ["x", "y"], "base_url": server.base_url},
+            max_steps=1,
+            display_progress=False,
+            max_concurrency=None,
         )
         assert server.stats().peak_concurrency > 2
 
@@ -314,8 +354,12 @@ def test_an_interrupt_cancels_the_runs_and_attaches_the_finished_rows(mode):
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt) as caught:
             mlp.batch_run(
-                Mixed, {"n": 4, "topic": ["quick", "slow"], "base_url": server.base_url},
-                rng=[1, 2], max_steps=50, display_progress=False, max_concurrency=6,
+                Mixed,
+                {"n": 4, "topic": ["quick", "slow"], "base_url": server.base_url},
+                rng=[1, 2],
+                max_steps=50,
+                display_progress=False,
+                max_concurrency=6,
             )
         took = time.monotonic() - started
         timer.join()

@@ -55,27 +55,52 @@ def test_a_process_pool_shares_one_cap_and_gives_the_same_rows(mode, spawn_pool)
     mlp.enable_automatic_parallel_stepping(mode=mode)
     with LoopbackLLMServer(latency=0.1) as server:
         rows = mlp.batch_run(
-            Survey, survey(server), rng=[1, 2], max_steps=3, display_progress=False,
-            executor=spawn_pool, max_concurrency=4,
+            Survey,
+            survey(server),
+            rng=[1, 2],
+            max_steps=3,
+            display_progress=False,
+            executor=spawn_pool,
+            max_concurrency=4,
         )
         stats = server.stats()
     assert len(pids(rows)) >= 2  # the runs went to several processes
     # Three processes, each running a run of 3 agents: 9 could be in flight, 4 may.
     assert stats.peak_concurrency == 4
     assert stats.completed == 6 * 3 * 3 and stats.rate_limited == 0
-    local = mlp.batch_run(Economy, {"n": [2, 3], "bonus": [1, 2]}, rng=[4], max_steps=3,
-                          display_progress=False, data_collection_period=1)
-    assert mlp.batch_run(Economy, {"n": [2, 3], "bonus": [1, 2]}, rng=[4], max_steps=3,
-                         display_progress=False, data_collection_period=1,
-                         executor=spawn_pool) == local
+    local = mlp.batch_run(
+        Economy,
+        {"n": [2, 3], "bonus": [1, 2]},
+        rng=[4],
+        max_steps=3,
+        display_progress=False,
+        data_collection_period=1,
+    )
+    assert (
+        mlp.batch_run(
+            Economy,
+            {"n": [2, 3], "bonus": [1, 2]},
+            rng=[4],
+            max_steps=3,
+            display_progress=False,
+            data_collection_period=1,
+            executor=spawn_pool,
+        )
+        == local
+    )
 
 
 def test_number_processes_starts_its_own_pool_under_a_shared_rate_limit():
     mlp.enable_automatic_parallel_stepping(mode="asyncio")
     with LoopbackLLMServer(latency=0.02, rate_limit=30) as server:
         rows = mlp.batch_run(
-            Survey, survey(server), rng=[1, 2], max_steps=2, display_progress=False,
-            number_processes=2, rate_limit=27,
+            Survey,
+            survey(server),
+            rng=[1, 2],
+            max_steps=2,
+            display_progress=False,
+            number_processes=2,
+            rate_limit=27,
         )
         stats = server.stats()
     assert len(pids(rows)) == 2
@@ -87,8 +112,13 @@ def test_a_dask_cluster_shares_one_cap(mode, dask_executor):
     mlp.enable_automatic_parallel_stepping(mode=mode)
     with LoopbackLLMServer(latency=0.1) as server:
         rows = mlp.batch_run(
-            Survey, survey(server, topics="abcd"), rng=[1, 2], max_steps=2,
-            display_progress=False, executor=dask_executor, max_concurrency=5,
+            Survey,
+            survey(server, topics="abcd"),
+            rng=[1, 2],
+            max_steps=2,
+            display_progress=False,
+            executor=dask_executor,
+            max_concurrency=5,
         )
         stats = server.stats()
     assert len(pids(rows)) == 2  # both workers ran runs
@@ -100,22 +130,39 @@ def test_a_dask_cluster_shares_one_rate_limit_and_gives_the_same_rows(dask_execu
     mlp.enable_automatic_parallel_stepping(mode="asyncio")
     with LoopbackLLMServer(latency=0.02, rate_limit=30) as server:
         mlp.batch_run(
-            Survey, survey(server), rng=[1, 2], max_steps=2, display_progress=False,
-            executor=dask_executor, rate_limit=27,
+            Survey,
+            survey(server),
+            rng=[1, 2],
+            max_steps=2,
+            display_progress=False,
+            executor=dask_executor,
+            rate_limit=27,
         )
         stats = server.stats()
     assert stats.rate_limited == 0 and stats.completed == 6 * 3 * 2
-    arguments = {"rng": [4, 5], "max_steps": 3, "display_progress": False,
-                 "data_collection_period": 1}
+    arguments = {
+        "rng": [4, 5],
+        "max_steps": 3,
+        "display_progress": False,
+        "data_collection_period": 1,
+    }
     local = mlp.batch_run(Economy, {"n": [2, 3], "bonus": [1, 2]}, **arguments)
-    assert mlp.batch_run(Economy, {"n": [2, 3], "bonus": [1, 2]}, executor=dask_executor,
-                         **arguments) == local
+    assert (
+        mlp.batch_run(Economy, {"n": [2, 3], "bonus": [1, 2]}, executor=dask_executor, **arguments)
+        == local
+    )
 
 
 def test_a_failure_on_a_dask_worker_comes_back_with_its_traceback(dask_executor):
     with pytest.raises(ValueError, match="bonus=1 failed") as caught:
-        mlp.batch_run(Economy, {"n": 2, "bonus": [1, 2], "fail_at": [None, 1]}, rng=[1],
-                      max_steps=2, display_progress=False, executor=dask_executor)
+        mlp.batch_run(
+            Economy,
+            {"n": 2, "bonus": [1, 2], "fail_at": [None, 1]},
+            rng=[1],
+            max_steps=2,
+            display_progress=False,
+            executor=dask_executor,
+        )
     notes = "\n".join(caught.value.__notes__)
     assert "Traceback in the worker process" in notes and "sweep_models.py" in notes
     assert len(caught.value.mesa_llm_parallel_rows) == 2 * 2  # 2 runs x 2 agents, last step
@@ -130,8 +177,13 @@ def test_an_interrupt_stops_the_runs_in_every_process(place, dask_executor):
         timer.start()
         with pytest.raises(KeyboardInterrupt) as caught:
             mlp.batch_run(
-                Survey, survey(server, topics="ab"), rng=[1, 2], max_steps=100,
-                display_progress=False, max_concurrency=4, **options,
+                Survey,
+                survey(server, topics="ab"),
+                rng=[1, 2],
+                max_steps=100,
+                display_progress=False,
+                max_concurrency=4,
+                **options,
             )
         timer.join()
         assert caught.value.mesa_llm_parallel_rows == []
