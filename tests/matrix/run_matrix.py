@@ -70,6 +70,8 @@ CORE_TESTS: tuple[str, ...] = (
     "tests/test_where_it_runs.py",
     "tests/test_settings.py",
     "tests/test_determinism.py",
+    "tests/test_batch_run.py",
+    "tests/test_process_cap.py",
     "tests/test_mesa_suite.py::test_mesa_agentset_tests_pass_with_patch_installed",
 )
 
