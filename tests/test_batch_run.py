@@ -8,6 +8,7 @@ import inspect
 import multiprocessing
 import threading
 import time
+import typing
 
 import mesa
 import pytest
@@ -99,7 +100,8 @@ def test_rows_equal_mesas_batch_run_for_the_same_seeds(mode, period):
         display_progress=False,
     )
     assert rows == expected
-    assert rows.failures == () and rows.runs == 12
+    assert rows.failures == ()
+    assert rows.runs == 12
 
 
 @pytest.mark.mesa_min("3.5.1", "the rows of Mesa 3.5.1's batch_run, rng= included")
@@ -111,7 +113,8 @@ def test_rows_equal_mesas_for_seed_models_model_reporters_only_and_iterations():
         )
         == expected
     )
-    assert "seed" in expected[0] and "rng" not in expected[0]
+    assert "seed" in expected[0]
+    assert "rng" not in expected[0]
     expected = mesa_rows(
         Quiet, {"level": [1, 2]}, rng=[1, 2], max_steps=4, data_collection_period=1
     )
@@ -126,7 +129,7 @@ def test_rows_equal_mesas_for_seed_models_model_reporters_only_and_iterations():
         )
         == expected
     )
-    with pytest.warns(DeprecationWarning):
+    with pytest.warns(DeprecationWarning, match="iterations"):
         expected = mesa_rows(Quiet, {"level": 3}, iterations=2, max_steps=2)
     with pytest.warns(DeprecationWarning, match="iterations"):
         rows = mlp.batch_run(Quiet, {"level": 3}, iterations=2, max_steps=2, display_progress=False)
@@ -155,14 +158,14 @@ def test_rows_match_the_models_own_data_frames_on_every_mesa(mode):
 
 def test_models_step_in_parallel_unless_they_opt_out():
     class Watched(Economy):
-        reports: list = []
+        reports: typing.ClassVar[list] = []
 
         def step(self):
             super().step()
             type(self).reports.append(mlp.last_step_report(self))
 
     class OptedOut(Watched):
-        reports: list = []
+        reports: typing.ClassVar[list] = []
 
         def __init__(self, **kwargs):
             super().__init__(**kwargs)
@@ -171,7 +174,8 @@ def test_models_step_in_parallel_unless_they_opt_out():
     mlp.enable_automatic_parallel_stepping(mode="asyncio")
     mlp.batch_run(Watched, {"n": 3}, max_steps=2, display_progress=False)
     mlp.batch_run(OptedOut, {"n": 3}, max_steps=2, display_progress=False)
-    assert len(Watched.reports) == 2 and all(r is not None for r in Watched.reports)
+    assert len(Watched.reports) == 2
+    assert all(r is not None for r in Watched.reports)
     assert OptedOut.reports == [None, None]
 
 
@@ -185,7 +189,9 @@ def test_it_installs_parallel_stepping_when_it_is_not_enabled():
             seen.append(mlp.last_step_report(self))
 
     mlp.batch_run(Noting, {"n": 2}, max_steps=1, display_progress=False)
-    assert seen and seen[0] is not None and seen[0].mode == mlp.settings.mode
+    assert seen
+    assert seen[0] is not None
+    assert seen[0].mode == mlp.settings.mode
 
 
 @pytest.mark.parametrize(
@@ -287,7 +293,8 @@ def test_runs_overlap_under_one_cap_counted_at_the_server(mode):
             max_concurrency=7,
         )
         stats = server.stats()
-    assert stats.completed == 6 * 3 * 3 and stats.rate_limited == 0
+    assert stats.completed == 6 * 3 * 3
+    assert stats.rate_limited == 0
     # 7 in flight means at least three runs' agents overlapped (a run has 3 agents).
     assert stats.peak_concurrency == 7
     assert len(rows) == 6 * 3
@@ -308,7 +315,8 @@ def test_a_shared_rate_limit_at_90_percent_of_the_quota_gets_no_429(mode):
             rate_limit=36,
         )
         stats = server.stats()
-    assert stats.rate_limited == 0 and stats.completed == 6 * 4 * 2
+    assert stats.rate_limited == 0
+    assert stats.completed == 6 * 4 * 2
 
 
 def test_the_current_settings_apply_when_no_quota_is_given():
@@ -335,7 +343,8 @@ def test_the_current_settings_apply_when_no_quota_is_given():
 def test_the_progress_bar_counts_runs(capsys):
     mlp.batch_run(Quiet, {"level": [1, 2, 3]}, max_steps=1, display_progress=True)
     err = capsys.readouterr().err
-    assert "batch_run" in err and "3/3" in err
+    assert "batch_run" in err
+    assert "3/3" in err
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -364,7 +373,8 @@ def test_an_interrupt_cancels_the_runs_and_attaches_the_finished_rows(mode):
         took = time.monotonic() - started
         timer.join()
         rows = caught.value.mesa_llm_parallel_rows
-        assert {r["topic"] for r in rows} == {"quick"} and len(rows) == 2 * 4
+        assert {r["topic"] for r in rows} == {"quick"}
+        assert len(rows) == 2 * 4
         assert "2 of 4 runs had finished" in caught.value.__notes__[0]
         assert took < 1.5 + 3.0  # the slow runs stopped instead of running 10 s
         deadline = time.monotonic() + 5

@@ -67,7 +67,8 @@ def test_a_process_pool_shares_one_cap_and_gives_the_same_rows(mode, spawn_pool)
     assert len(pids(rows)) >= 2  # the runs went to several processes
     # Three processes, each running a run of 3 agents: 9 could be in flight, 4 may.
     assert stats.peak_concurrency == 4
-    assert stats.completed == 6 * 3 * 3 and stats.rate_limited == 0
+    assert stats.completed == 6 * 3 * 3
+    assert stats.rate_limited == 0
     local = mlp.batch_run(
         Economy,
         {"n": [2, 3], "bonus": [1, 2]},
@@ -104,7 +105,8 @@ def test_number_processes_starts_its_own_pool_under_a_shared_rate_limit():
         )
         stats = server.stats()
     assert len(pids(rows)) == 2
-    assert stats.rate_limited == 0 and stats.completed == 6 * 3 * 2
+    assert stats.rate_limited == 0
+    assert stats.completed == 6 * 3 * 2
 
 
 @pytest.mark.parametrize("mode", ["asyncio", "threading"])
@@ -123,7 +125,8 @@ def test_a_dask_cluster_shares_one_cap(mode, dask_executor):
         stats = server.stats()
     assert len(pids(rows)) == 2  # both workers ran runs
     assert stats.peak_concurrency == 5  # 8 runs x 3 agents wanted 24 at once
-    assert stats.completed == 8 * 3 * 2 and stats.rate_limited == 0
+    assert stats.completed == 8 * 3 * 2
+    assert stats.rate_limited == 0
 
 
 def test_a_dask_cluster_shares_one_rate_limit_and_gives_the_same_rows(dask_executor):
@@ -139,7 +142,8 @@ def test_a_dask_cluster_shares_one_rate_limit_and_gives_the_same_rows(dask_execu
             rate_limit=27,
         )
         stats = server.stats()
-    assert stats.rate_limited == 0 and stats.completed == 6 * 3 * 2
+    assert stats.rate_limited == 0
+    assert stats.completed == 6 * 3 * 2
     arguments = {
         "rng": [4, 5],
         "max_steps": 3,
@@ -164,7 +168,8 @@ def test_a_failure_on_a_dask_worker_comes_back_with_its_traceback(dask_executor)
             executor=dask_executor,
         )
     notes = "\n".join(caught.value.__notes__)
-    assert "Traceback in the worker process" in notes and "sweep_models.py" in notes
+    assert "Traceback in the worker process" in notes
+    assert "sweep_models.py" in notes
     assert len(caught.value.mesa_llm_parallel_rows) == 2 * 2  # 2 runs x 2 agents, last step
 
 
