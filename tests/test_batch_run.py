@@ -12,6 +12,7 @@ import typing
 
 import mesa
 import pytest
+from packaging.version import Version
 from sweep_models import Economy, Quiet, SeededEconomy, Survey
 
 import mesa_llm_parallel as mlp
@@ -77,7 +78,7 @@ def test_the_signature_is_mesas_plus_keyword_only_extras():
     extras = [p for p in ours.values() if p.kind is inspect.Parameter.KEYWORD_ONLY]
     assert [p.name for p in extras] == ["executor", "max_concurrency", "rate_limit", "on_error"]
     assert ours["max_concurrency"].default is mlp.NOT_GIVEN
-    if hasattr(mesa, "batch_run"):
+    if Version(mesa.__version__) >= Version("3.5.1"):  # earlier ones had other defaults
         theirs = inspect.signature(mesa.batch_run).parameters
         for name in list(ours)[:8]:
             if name in theirs:
@@ -137,8 +138,9 @@ def test_rows_equal_mesas_for_seed_models_model_reporters_only_and_iterations():
     assert [{**r, "Draw": 0} for r in rows] == [{**r, "Draw": 0} for r in expected]
 
 
+@pytest.mark.mesa_min("3.4", "a DataCollector that records its collection steps")
 @pytest.mark.parametrize("mode", MODES)
-def test_rows_match_the_models_own_data_frames_on_every_mesa(mode):
+def test_rows_match_the_models_own_data_frames_on_mesa_3_4_and_later(mode):
     parameter_sets = [{"n": 2, "bonus": 0}, {"n": 3, "bonus": 4}]
     expected = reference_rows(Economy, parameter_sets, [11, 12], max_steps=3)
     mlp.enable_automatic_parallel_stepping(mode=mode)
@@ -154,6 +156,45 @@ def test_rows_match_the_models_own_data_frames_on_every_mesa(mode):
     chosen = [r for r in rows if (r["n"], r["bonus"]) in {(2, 0), (3, 4)}]
     renumbered = {old: new for new, old in enumerate(sorted({r["RunId"] for r in chosen}))}
     assert [{**r, "RunId": renumbered[r["RunId"]]} for r in chosen] == expected
+
+
+class LegacyCollector:
+    """A DataCollector of Mesa < 3.4: records by step, keeps no list of steps."""
+
+    agent_reporters: typing.ClassVar[dict] = {"Wealth": "wealth"}
+    agenttype_reporters: typing.ClassVar[dict] = {}
+    _agenttype_records: typing.ClassVar[dict] = {}
+
+    def __init__(self):
+        self.model_vars = {"Total": [10, 11, 12, 13]}
+        self._agent_records = {s: [(s, 1, 100 + s), (s, 2, 200 + s)] for s in (0, 1, 2, 3)}
+
+
+class LegacyModel:
+    def __init__(self, steps):
+        self.steps = steps
+        self.datacollector = LegacyCollector()
+
+
+@pytest.mark.parametrize(("period", "steps"), [(-1, [2]), (1, [0, 1, 2]), (2, [0, 2])])
+def test_a_collector_without_a_step_list_follows_mesa_3_5_1s_legacy_rule(period, steps):
+    # Mesa 3.5.1 reads such a collector at range(0, model.steps, period), plus the last
+    # step before model.steps, taking model values by the step's place among the
+    # recorded steps.
+    rows = batchrunner._rows(LegacyModel(3), 4, 0, {"n": 2}, period)
+    assert [r["Step"] for r in rows] == [s for s in steps for _ in (1, 2)]
+    assert [r["Total"] for r in rows] == [10 + s for s in steps for _ in (1, 2)]
+    assert [r["Wealth"] for r in rows] == [w + s for s in steps for w in (100, 200)]
+    assert {r["RunId"] for r in rows} == {4}
+
+
+def test_a_model_without_a_datacollector_is_a_failure_named_as_such():
+    class Bare(mesa.Model):
+        def __init__(self, rng=None):
+            super().__init__(rng=rng)
+
+    with pytest.raises(AttributeError, match="no datacollector"):
+        mlp.batch_run(Bare, {}, max_steps=1, display_progress=False)
 
 
 def test_models_step_in_parallel_unless_they_opt_out():
@@ -374,7 +415,7 @@ def test_an_interrupt_cancels_the_runs_and_attaches_the_finished_rows(mode):
         timer.join()
         rows = caught.value.mesa_llm_parallel_rows
         assert {r["topic"] for r in rows} == {"quick"}
-        assert len(rows) == 2 * 4
+        assert {r["RunId"] for r in rows} == {0, 2}
         assert "2 of 4 runs had finished" in caught.value.__notes__[0]
         assert took < 1.5 + 3.0  # the slow runs stopped instead of running 10 s
         deadline = time.monotonic() + 5
