@@ -29,20 +29,14 @@ from __future__ import annotations
 import bisect
 import concurrent.futures
 import contextlib
-import ctypes
 import dataclasses
 import inspect
 import itertools
 import logging
-import multiprocessing
 import os
-import pickle
-import signal
 import sys
 import threading
 import time
-import traceback
-import uuid
 import warnings
 import weakref
 from collections.abc import Iterable, Mapping
@@ -105,6 +99,8 @@ class _RunCancelledError(KeyboardInterrupt):
 def _raise_in_thread(thread_id: int, error: type[BaseException] | None) -> None:
     # The interpreter raises ``error`` in that thread at its next bytecode (None
     # withdraws a pending one): the way a Ctrl-C reaches a step, and handled as one.
+    import ctypes
+
     ctypes.pythonapi.PyThreadState_SetAsyncExc(
         ctypes.c_ulong(thread_id), ctypes.py_object(error) if error is not None else None
     )
@@ -283,6 +279,9 @@ def _model_time(model: Any) -> float:
 
 def _portable(error: BaseException) -> BaseException:
     """``error`` as it can travel back from another process, with its traceback as text."""
+    import pickle
+    import traceback
+
     text = "".join(traceback.format_exception(error))
     try:
         pickle.loads(pickle.dumps(error))  # noqa: S301 (our own bytes, this process)
@@ -605,12 +604,14 @@ class _Batch:
         self.runs = runs
         self.cap = cap
         self.rate = rate
-        self.key = f"mesa-llm-parallel-{uuid.uuid4().hex}"
+        self.key = f"mesa-llm-parallel-{os.urandom(16).hex()}"
         self.quota: Any = None
         self.local: _LocalRuns | None = None
         self.manager: Any = None
 
     def __enter__(self) -> _Batch:
+        import multiprocessing  # only here: a script that never sweeps does not load it
+
         spawn = multiprocessing.get_context("spawn")
         if self.where == "local":
             self.local = _LocalRuns()
@@ -692,6 +693,8 @@ class _Batch:
 def _ignore_interrupts() -> None:
     # Ctrl-C in a terminal reaches every process of the group: the caller handles it
     # for the whole batch, so the pool's workers must not die of it mid-run.
+    import signal
+
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
