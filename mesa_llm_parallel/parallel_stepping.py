@@ -20,12 +20,12 @@ and models without a true ``parallel_stepping`` attribute keep stepping sequenti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from mesa_llm_parallel import _loops, _patch
 from mesa_llm_parallel._agentsets import first_agent, shuffled_members
 from mesa_llm_parallel._engine import Step, model_of, pool, run_step_in_loop, run_step_sync
-from mesa_llm_parallel._settings import Mode, settings
+from mesa_llm_parallel._settings import NOT_GIVEN, Mode, settings
 
 __all__ = [
     "ashuffle_do",
@@ -42,8 +42,8 @@ __all__ = [
 def enable_automatic_parallel_stepping(
     mode: Mode = "asyncio",
     *,
-    max_workers: int | None = None,
-    max_concurrency: int | None = None,
+    max_workers: int | Literal[NOT_GIVEN] | None = NOT_GIVEN,  # type: ignore[valid-type]
+    max_concurrency: int | Literal[NOT_GIVEN] | None = NOT_GIVEN,  # type: ignore[valid-type]
     **more_options: Any,
 ) -> None:
     """Make ``shuffle_do`` step agents in parallel for models that ask for it.
@@ -52,11 +52,15 @@ def enable_automatic_parallel_stepping(
     applies the given settings. A model steps in parallel when it has
     ``parallel_stepping = True`` and the method is one of ``settings.parallel_methods``.
 
+    An option that is not passed keeps its current setting; one that is passed means
+    what it means in :class:`~mesa_llm_parallel.Settings`, ``None`` included.
+
     Args:
         mode: ``"asyncio"`` or ``"threading"``; always applied.
-        max_workers: Thread-pool size; None leaves the current value unchanged.
-        max_concurrency: Most agents in flight at once; None leaves the current value
-            unchanged (set ``settings.max_concurrency = None`` to remove a cap).
+        max_workers: Thread-pool size; ``None`` restores the default
+            (:data:`~mesa_llm_parallel.DEFAULT_MAX_WORKERS`); not given: unchanged.
+        max_concurrency: Most agents in flight at once in the process; ``None``: no
+            cap; not given: unchanged.
         **more_options: Any other setting by name (see :class:`~mesa_llm_parallel.Settings`).
 
     Raises:
@@ -67,9 +71,9 @@ def enable_automatic_parallel_stepping(
     On any error nothing changes: the settings and the patch stay as they were.
     """
     values: dict[str, Any] = {"mode": mode, **more_options}
-    if max_workers is not None:
+    if max_workers is not NOT_GIVEN:
         values["max_workers"] = max_workers
-    if max_concurrency is not None:
+    if max_concurrency is not NOT_GIVEN:
         values["max_concurrency"] = max_concurrency
     clean = settings.validate(**values)
     with _patch._lock:

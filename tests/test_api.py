@@ -221,3 +221,13 @@ def test_shutdown_releases_threads_and_steps_work_afterwards():
     model.step()
     assert len(model.tracker.starts) == 24
     mlp.shutdown()
+
+
+def test_none_passed_to_enable_means_what_it_means_in_the_settings():
+    mlp.enable_automatic_parallel_stepping(max_concurrency=5, max_workers=8)
+    mlp.enable_automatic_parallel_stepping(mode="threading")  # not given: unchanged
+    assert (mlp.settings.max_concurrency, mlp.settings.max_workers) == (5, 8)
+    mlp.enable_automatic_parallel_stepping(max_concurrency=None, max_workers=None)
+    assert mlp.settings.max_concurrency is None  # None: no cap, as settings.max_concurrency
+    assert mlp.settings.max_workers == mlp.DEFAULT_MAX_WORKERS  # None: the default
+    assert repr(mlp.NOT_GIVEN) == "NOT_GIVEN"
