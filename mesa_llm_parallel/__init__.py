@@ -39,10 +39,13 @@ from mesa_llm_parallel.parallel_stepping import (
     disable_automatic_parallel_stepping,
     enable_automatic_parallel_stepping,
     is_automatic_parallel_stepping_enabled,
+    set_parallel_stepping,
     shutdown,
     step_agents_multithreaded,
     step_agents_parallel,
     step_agents_parallel_sync,
+    steps_in_parallel,
+    wants_parallel_stepping,
 )
 
 __version__ = "0.1.0"
@@ -89,10 +92,13 @@ __all__ = [
     "last_loop_path",
     "last_step_report",
     "remove_step_callback",
+    "set_parallel_stepping",
     "settings",
     "shared_lock",
     "shutdown",
     "step_agents_multithreaded",
     "step_agents_parallel",
     "step_agents_parallel_sync",
+    "steps_in_parallel",
+    "wants_parallel_stepping",
 ]

@@ -25,7 +25,14 @@ from mesa_llm_parallel._agentsets import STEP_METHODS, first_agent, members, pat
 from mesa_llm_parallel._engine import Step, run_step_sync
 from mesa_llm_parallel._settings import SettingsSnapshot
 
-__all__ = ["install", "installed_classes", "is_installed", "uninstall", "wants_parallel"]
+__all__ = [
+    "install",
+    "installed_classes",
+    "is_installed",
+    "model_wants_parallel",
+    "uninstall",
+    "wants_parallel",
+]
 
 _lock = threading.RLock()
 #: (class, method name) -> the exact function object it had before we patched it
@@ -47,6 +54,11 @@ def wants_parallel(cfg: SettingsSnapshot, method: object) -> bool:
     return getattr(method, "__name__", None) in methods
 
 
+def model_wants_parallel(model: Any, cfg: SettingsSnapshot) -> bool:
+    """The one rule: a model's ``parallel_stepping``, or ``cfg.parallel_by_default`` unset."""
+    return bool(getattr(model, "parallel_stepping", cfg.parallel_by_default))
+
+
 def _make_parallel(original: Callable[..., Any], settings: Any, name: str) -> Callable[..., Any]:
     shuffle = name == "shuffle_do"
 
@@ -58,7 +70,7 @@ def _make_parallel(original: Callable[..., Any], settings: Any, name: str) -> Ca
         agent = first_agent(self)
         model = getattr(agent, "model", None)
         del agent
-        if model is None or not getattr(model, "parallel_stepping", cfg.parallel_by_default):
+        if model is None or not model_wants_parallel(model, cfg):
             return original(self, method, *args, **kwargs)
         # Another library may have kept this function as "the original" it wraps
         # (mesa_llm does when it is imported after enable): once disabled, such a

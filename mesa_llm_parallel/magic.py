@@ -19,9 +19,14 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 
-from mesa_llm_parallel import _patch
 from mesa_llm_parallel._report import last_step_report, last_stepped_model
 from mesa_llm_parallel._settings import ERROR_POLICIES, MODES, settings
+from mesa_llm_parallel.parallel_stepping import (
+    disable_automatic_parallel_stepping,
+    enable_automatic_parallel_stepping,
+    is_automatic_parallel_stepping_enabled,
+    set_parallel_stepping,
+)
 
 __all__ = ["ParallelSteppingMagics", "load_ipython_extension", "unload_ipython_extension"]
 
@@ -203,7 +208,7 @@ class ParallelSteppingMagics(Magics):
         if command.action == "status":
             raise UsageError("%%parallel_stepping takes on or off, not status")
         saved_settings = settings.snapshot()
-        was_installed = _patch.is_installed()
+        was_installed = is_automatic_parallel_stepping_enabled()
         saved_flags = [
             (model, vars(model).get("parallel_stepping", _MISSING)) for _, model in command.models
         ]
@@ -213,9 +218,9 @@ class ParallelSteppingMagics(Magics):
         finally:
             settings.update(**dataclasses.asdict(saved_settings))
             if was_installed:
-                _patch.install(settings)
+                enable_automatic_parallel_stepping(mode=saved_settings.mode)
             else:
-                _patch.uninstall()
+                disable_automatic_parallel_stepping()
             for model, flag in saved_flags:
                 if flag is _MISSING:
                     vars(model).pop("parallel_stepping", None)
@@ -235,7 +240,7 @@ class ParallelSteppingMagics(Magics):
 
     def _status(self, models: list[tuple[str, Any]]) -> str:
         lines = [
-            f"patch installed: {'yes' if _patch.is_installed() else 'no'}",
+            f"patch installed: {'yes' if is_automatic_parallel_stepping_enabled() else 'no'}",
             f"models without parallel_stepping: "
             f"{'parallel' if settings.parallel_by_default else 'sequential'}",
             f"settings: {_settings_line()}",
@@ -271,21 +276,21 @@ def _settings_line() -> str:
 def _apply(command: _Command) -> None:
     """Apply a validated command (nothing here can fail on user input)."""
     if command.action == "on":
-        with _patch._lock:
-            _patch.install(settings)
-            settings.update(**command.values)
-            if not command.models:
-                settings.parallel_by_default = True
+        values = dict(command.values)
+        if not command.models:
+            values["parallel_by_default"] = True
+        # The mode stays what it is unless --mode was given.
+        enable_automatic_parallel_stepping(**{"mode": settings.mode, **values})
         for _, model in command.models:
-            model.parallel_stepping = True
+            set_parallel_stepping(model, True)
         return
     settings.update(**command.values)
     if command.models:
         for _, model in command.models:
-            model.parallel_stepping = False
+            set_parallel_stepping(model, False)
     else:
         settings.parallel_by_default = False
-        _patch.uninstall()
+        disable_automatic_parallel_stepping()
 
 
 def _one_line(message: str) -> str:
@@ -304,4 +309,4 @@ def unload_ipython_extension(ipython: Any) -> None:
     magics["line"].pop("parallel_stepping", None)
     magics["cell"].pop("parallel_stepping", None)
     settings.parallel_by_default = False
-    _patch.uninstall()
+    disable_automatic_parallel_stepping()

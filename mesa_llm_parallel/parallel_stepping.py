@@ -32,10 +32,13 @@ __all__ = [
     "disable_automatic_parallel_stepping",
     "enable_automatic_parallel_stepping",
     "is_automatic_parallel_stepping_enabled",
+    "set_parallel_stepping",
     "shutdown",
     "step_agents_multithreaded",
     "step_agents_parallel",
     "step_agents_parallel_sync",
+    "steps_in_parallel",
+    "wants_parallel_stepping",
 ]
 
 
@@ -94,6 +97,47 @@ def disable_automatic_parallel_stepping() -> None:
 def is_automatic_parallel_stepping_enabled() -> bool:
     """Whether the ``shuffle_do`` patch is currently installed."""
     return _patch.is_installed()
+
+
+def wants_parallel_stepping(model: Any) -> bool:
+    """Whether ``model`` asks to step in parallel, patch or no patch.
+
+    Its ``parallel_stepping`` attribute, read as a bool; for a model without one,
+    ``settings.parallel_by_default``.
+    """
+    return _patch.model_wants_parallel(model, settings.snapshot())
+
+
+def steps_in_parallel(model: Any) -> bool:
+    """Whether ``model.agents.shuffle_do("step")`` steps ``model``'s agents in parallel now.
+
+    True when the patch is installed and the model asks for it: its
+    ``parallel_stepping`` attribute is true, or it has none and
+    ``settings.parallel_by_default`` is on. (Whether the method is one of
+    ``settings.parallel_methods`` is the call's business: ``"step"`` is by default.)
+    """
+    return _patch.is_installed() and _patch.model_wants_parallel(model, settings.snapshot())
+
+
+def set_parallel_stepping(model: Any, on: bool) -> None:
+    """Switch parallel stepping for ``model`` only, from its next step (thread-safe).
+
+    Sets ``model.parallel_stepping``. Turning it on also installs the ``shuffle_do``
+    patch if it is missing, keeping every setting (the mode included); turning it off
+    leaves the patch for other models. This is what the ``%parallel_stepping`` magic,
+    the ipywidgets panel and the Solara component do for one model.
+
+    Raises:
+        TypeError: ``on`` is not a bool.
+        RuntimeError: The installed Mesa has no agent-set class that can be patched
+            (nothing changed).
+    """
+    if not isinstance(on, bool):
+        raise TypeError(f"set_parallel_stepping: on must be True or False, got {on!r}")
+    if on:
+        with _patch._lock:
+            _patch.install(settings)
+    model.parallel_stepping = on
 
 
 async def step_agents_parallel(

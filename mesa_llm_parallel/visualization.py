@@ -52,8 +52,9 @@ from mesa_llm_parallel._report import (
 )
 from mesa_llm_parallel._settings import MODES, SettingsSnapshot, settings
 from mesa_llm_parallel.parallel_stepping import (
-    enable_automatic_parallel_stepping,
     is_automatic_parallel_stepping_enabled,
+    set_parallel_stepping,
+    wants_parallel_stepping,
 )
 
 __all__ = [
@@ -113,9 +114,7 @@ def apply_panel_choices(model: Any, choices: PanelChoices | None = None) -> None
     if choices.settings:
         settings.update(**choices.settings)
     if choices.parallel_stepping is not None:
-        if choices.parallel_stepping and not is_automatic_parallel_stepping_enabled():
-            enable_automatic_parallel_stepping(mode=settings.mode)
-        model.parallel_stepping = choices.parallel_stepping
+        set_parallel_stepping(model, choices.parallel_stepping)
 
 
 # -- per-model panel state (never keeps a model alive) ---------------------------------
@@ -329,7 +328,7 @@ def ParallelSteppingControls(  # noqa: N802
     steps = step_number(model)
     props: dict[str, Any] = {
         "title": title,
-        "flag": bool(getattr(model, "parallel_stepping", snap.parallel_by_default)),
+        "flag": wants_parallel_stepping(model),
         "patched": is_automatic_parallel_stepping_enabled(),
         "snap": snap,
         "error": error,

@@ -39,7 +39,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         'install it with: pip install "mesa_llm_parallel[jupyter]"'
     ) from exc
 
-from mesa_llm_parallel import _patch
 from mesa_llm_parallel._loops import wait_event
 from mesa_llm_parallel._report import (
     StepReport,
@@ -49,6 +48,11 @@ from mesa_llm_parallel._report import (
     step_number,
 )
 from mesa_llm_parallel._settings import MODES, settings
+from mesa_llm_parallel.parallel_stepping import (
+    is_automatic_parallel_stepping_enabled,
+    set_parallel_stepping,
+    wants_parallel_stepping,
+)
 
 __all__ = ["ParallelSteppingPanel", "StepTime"]
 
@@ -549,10 +553,7 @@ class ParallelSteppingPanel(widgets.VBox):
                 return
             on = bool(change["new"])
             try:
-                if on:
-                    with _patch._lock:
-                        _patch.install(settings)
-                model.parallel_stepping = on
+                set_parallel_stepping(model, on)
             except Exception as exc:
                 self._set_status(
                     f"Parallel stepping not changed: {type(exc).__name__}: {exc}", error=True
@@ -609,7 +610,7 @@ class ParallelSteppingPanel(widgets.VBox):
         if model is None:
             return
         cfg = settings.snapshot()
-        flag = bool(getattr(model, "parallel_stepping", cfg.parallel_by_default))
+        flag = wants_parallel_stepping(model)
         cap = cfg.max_concurrency or 0
         with self._ui_lock:
             self._syncing = True
@@ -620,7 +621,9 @@ class ParallelSteppingPanel(widgets.VBox):
                 self.threads_slider.value = cfg.max_workers
                 self.cap_input.max = max(self.cap_input.max, cap)
                 self.cap_input.value = cap
-                self._state_html.value = _state_text(flag, installed=_patch.is_installed())
+                self._state_html.value = _state_text(
+                    flag, installed=is_automatic_parallel_stepping_enabled()
+                )
             finally:
                 self._syncing = False
 

@@ -231,3 +231,27 @@ def test_none_passed_to_enable_means_what_it_means_in_the_settings():
     assert mlp.settings.max_concurrency is None  # None: no cap, as settings.max_concurrency
     assert mlp.settings.max_workers == mlp.DEFAULT_MAX_WORKERS  # None: the default
     assert repr(mlp.NOT_GIVEN) == "NOT_GIVEN"
+
+
+def test_one_model_is_switched_and_asked_about_through_the_public_api():
+    model = mesa.Model(rng=1)
+    other = mesa.Model(rng=2)
+    assert not mlp.wants_parallel_stepping(model)
+    assert not mlp.steps_in_parallel(model)
+    mlp.settings.mode = "threading"
+    mlp.set_parallel_stepping(model, True)  # installs the patch, keeps the mode
+    assert mlp.is_automatic_parallel_stepping_enabled()
+    assert mlp.settings.mode == "threading"
+    assert mlp.steps_in_parallel(model)
+    assert not mlp.steps_in_parallel(other)
+    mlp.settings.parallel_by_default = True  # a model without the attribute follows it
+    assert mlp.steps_in_parallel(other)
+    mlp.set_parallel_stepping(model, False)  # this model only: the patch stays
+    assert not mlp.steps_in_parallel(model)
+    assert mlp.is_automatic_parallel_stepping_enabled()
+    mlp.set_parallel_stepping(model, True)
+    mlp.disable_automatic_parallel_stepping()
+    assert mlp.wants_parallel_stepping(model)  # it asks, but nothing is patched
+    assert not mlp.steps_in_parallel(model)
+    with pytest.raises(TypeError, match="True or False, got 'yes'"):
+        mlp.set_parallel_stepping(model, "yes")
