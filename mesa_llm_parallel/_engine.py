@@ -71,6 +71,49 @@ from mesa_llm_parallel._settings import SettingsSnapshot
 
 __all__ = ["Step", "pool", "run_step_async", "run_step_sync"]
 
+
+class StopScope:
+    """The parallel steps started in one context, to be halted from another thread.
+
+    Set in a context with :data:`stop_scope` (``batch_run`` does, for each run): every
+    step started there registers itself while it runs. :meth:`halt` makes each of them
+    start no more agents at once (agents in flight go on); the caller then interrupts
+    the runs. Halting every run first means that a permit freed by one run's cancelled
+    agents never starts an agent of a run not yet interrupted.
+    """
+
+    __slots__ = ("_lock", "halted", "steps")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.steps: set[Step] = set()
+        self.halted = False
+
+    def add(self, step: Step) -> None:
+        with self._lock:
+            self.steps.add(step)
+            halted = self.halted
+        if halted:
+            step.halt_from_outside()
+
+    def discard(self, step: Step) -> None:
+        with self._lock:
+            self.steps.discard(step)
+
+    def halt(self) -> None:
+        """Start no more agents in any step of this scope, now or later (any thread)."""
+        with self._lock:
+            self.halted = True
+            steps = list(self.steps)
+        for step in steps:
+            step.halt_from_outside()
+
+
+#: The :class:`StopScope` of the steps started in this context, or None.
+stop_scope: contextvars.ContextVar[StopScope | None] = contextvars.ContextVar(
+    "mesa_llm_parallel_stop_scope", default=None
+)
+
 logger = logging.getLogger("mesa_llm_parallel")
 
 #: The library's one thread pool.
@@ -320,6 +363,8 @@ class Step:
         self.stop = False
         #: Set with ``stop`` (see :meth:`halt`): wakes runners waiting for a start slot.
         self.halted = threading.Event()
+        #: The asyncio-mode driver of this step (an ``_AsyncStep``), once it runs.
+        self.driver: Any = None
         #: The process-wide cap on agents in flight this step obeys (None: no cap).
         self.cap = cfg.max_concurrency
         #: Permits lent by the agent that started this step (it holds one while it waits
@@ -382,6 +427,14 @@ class Step:
         """
         self.stop = True
         self.halted.set()
+
+    def halt_from_outside(self) -> None:
+        """:meth:`halt`, from any thread: an asyncio step settles on its own loop."""
+        self.halt()
+        driver = self.driver
+        if driver is not None:
+            with contextlib.suppress(RuntimeError):  # its loop is closed: nothing to settle
+                driver.loop.call_soon_threadsafe(driver._settle)
 
     # -- runners ----------------------------------------------------------------------
     def claim(self) -> int | None:
@@ -516,9 +569,26 @@ def _set_done(future: asyncio.Future[None]) -> None:
 
 
 def _progress_bar(total: int, mode: str) -> Any:
+    return progress_bar(total=total, desc=f"parallel step ({mode})", unit="agent", leave=False)
+
+
+def progress_bar(**options: Any) -> Any:
+    """``tqdm.auto.tqdm(**options)``, leaving the program's multiprocessing start method alone.
+
+    tqdm's first bar makes a ``multiprocessing.RLock`` for its write lock, which fixes
+    the default start method for good: a later ``multiprocessing.set_start_method``
+    of the program would then fail. If the method was not chosen before, it is left
+    unchosen after.
+    """
+    import multiprocessing
+
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, desc=f"parallel step ({mode})", unit="agent", leave=False)
+    unchosen = multiprocessing.get_start_method(allow_none=True) is None
+    bar = tqdm(**options)
+    if unchosen and multiprocessing.get_start_method(allow_none=True) is not None:
+        multiprocessing.set_start_method(None, force=True)  # back to "not chosen"
+    return bar
 
 
 def raise_failures(report: StepReport) -> None:
@@ -720,6 +790,7 @@ class _AsyncStep:
         self.done = loop.create_future()
         self.starts = array.array("d", bytes(8 * step.n))  # start time by position
         self._task_done_cb = self._task_done
+        step.driver = self
         #: The agents' unfinished tasks. The loop keeps only weak references to tasks:
         #: a task awaiting something held weakly (an asyncio stream's reader, which its
         #: protocol references weakly) would otherwise be collected mid-await, and its
@@ -1404,6 +1475,10 @@ def _run_threaded_runner(
         if cap is not None and not permits.acquire(cap, step.halted):
             step.turns.pass_turn(position)  # the step stopped while it waited
             return
+        if cap is not None and step.stop:  # halted as the permit came: it goes back
+            permits.release()
+            step.turns.pass_turn(position)
+            return
         started = step.start()
         # Each agent in a fresh copy of the caller's context, as asyncio.to_thread does:
         # what one agent sets there is not seen by the next one of this runner.
@@ -1707,6 +1782,9 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
     # Armed before the step, not only when it raises: a copy of the model taken while
     # the step runs (in another thread) then carries the resume event too, and resumes.
     recovery.arm(model)
+    scope = stop_scope.get()
+    if scope is not None:
+        scope.add(step)
     try:
         try:
             with scaled_collector(step.n):
@@ -1714,6 +1792,9 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
         except BaseException:
             step.close(model, interrupted=True)
             raise
+        finally:
+            if scope is not None:
+                scope.discard(step)
         report = step.close(model)
         if step.fatal is not None:
             raise step.fatal

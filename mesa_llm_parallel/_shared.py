@@ -253,6 +253,14 @@ class SharedSlots:
 
 
 # -- joining ----------------------------------------------------------------------------
+class _Run(Protocol):
+    """A run of the batch in this process, to stop (``batchrunner._RunControl``)."""
+
+    def halt(self) -> None: ...
+
+    def cancel(self) -> None: ...
+
+
 class _Membership:
     __slots__ = ("closing", "count", "key", "permits", "watchers")
 
@@ -261,7 +269,7 @@ class _Membership:
         self.closing = False  # its last run ended; permits of calls still running are out
         self.count = 0
         self.permits = shared_permits
-        self.watchers: list[Callable[[], None]] = []
+        self.watchers: list[_Run] = []
 
 
 class _Process:
@@ -285,8 +293,8 @@ class QuotaBusyError(RuntimeError):
 _DRAIN_WAIT: Final = 30.0
 
 
-def join(quota: Quota, on_stop: Callable[[], None]) -> None:
-    """Plug ``quota`` into this process for one run; ``on_stop`` runs if the batch stops.
+def join(quota: Quota, run: _Run) -> None:
+    """Plug ``quota`` into this process for ``run``, which is stopped if the batch stops.
 
     Raises:
         QuotaBusyError: The process runs another batch's runs, under its quota (or its
@@ -318,11 +326,11 @@ def join(quota: Quota, on_stop: Callable[[], None]) -> None:
             ).start()
         member.closing = False
         member.count += 1
-        member.watchers.append(on_stop)
+        member.watchers.append(run)
 
 
-def leave(on_stop: Callable[[], None]) -> None:
-    """The run that joined with ``on_stop`` has ended: unplug the quota after the last.
+def leave(run: _Run) -> None:
+    """``run`` has ended: unplug the quota after the last run of the process.
 
     Permits still out (calls running on in threads) go back to the batch's store first:
     the quota stays plugged in until they have.
@@ -332,7 +340,7 @@ def leave(on_stop: Callable[[], None]) -> None:
         if member is None:
             return
         with contextlib.suppress(ValueError):
-            member.watchers.remove(on_stop)
+            member.watchers.remove(run)
         member.count -= 1
         if member.count > 0:
             return
@@ -366,9 +374,11 @@ def _watch(quota: Quota, member: _Membership) -> None:
             stop = True
         if stop:
             with _process.lock:
-                watchers = list(member.watchers) if _process.member is member else []
-            for on_stop in watchers:
-                on_stop()
+                runs = list(member.watchers) if _process.member is member else []
+            for run in runs:  # every run starts nothing more before any is interrupted
+                run.halt()
+            for run in runs:
+                run.cancel()
             return
 
 

@@ -33,6 +33,8 @@ import dataclasses
 import inspect
 import itertools
 import logging
+import math
+import numbers
 import os
 import sys
 import threading
@@ -43,6 +45,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any, Final, Literal
 
 from mesa_llm_parallel import _loops, _patch, _shared
+from mesa_llm_parallel._engine import StopScope, progress_bar, stop_scope
 from mesa_llm_parallel._settings import ERROR_POLICIES, NOT_GIVEN, settings
 
 __all__ = ["DEFAULT_RUNS_AT_ONCE", "BatchRows", "RunFailure", "batch_run"]
@@ -109,9 +112,11 @@ def _raise_in_thread(thread_id: int, error: type[BaseException] | None) -> None:
 class _RunControl:
     """Stops one run, from any thread: before it starts, or inside its current step."""
 
-    __slots__ = ("_lock", "_model", "_sent", "_stepping", "_thread", "cancelled")
+    __slots__ = ("_lock", "_model", "_sent", "_stepping", "_thread", "cancelled", "scope")
 
     def __init__(self) -> None:
+        #: The run's parallel steps, halted together with every other run's first.
+        self.scope = StopScope()
         self._lock = threading.Lock()
         self._thread = 0
         self._stepping = False
@@ -133,6 +138,10 @@ class _RunControl:
             if self._stepping and self._sent:
                 _raise_in_thread(self._thread, None)  # still pending (if sent so): withdrawn
             self._stepping = False
+
+    def halt(self) -> None:
+        """Start no more agents in the run's steps (any thread; before :meth:`cancel`)."""
+        self.scope.halt()
 
     def cancel(self) -> None:
         """Stop the run: at its next step, or now, inside the step it is taking.
@@ -211,6 +220,7 @@ class _LocalRuns:
             self._controls.add(control)
             stopped = self.stopped
         if stopped:
+            control.halt()
             control.cancel()
 
     def discard(self, control: _RunControl) -> None:
@@ -221,6 +231,10 @@ class _LocalRuns:
         with self._lock:
             self.stopped = True
             controls = list(self._controls)
+        # Every run stops starting agents before any is interrupted: the permits that
+        # interrupted agents give back start nothing in the runs interrupted next.
+        for control in controls:
+            control.halt()
         for control in controls:
             control.cancel()
 
@@ -230,7 +244,7 @@ def _execute(task: _RunTask) -> _Outcome:
     control = _RunControl()
     remote = task.local is None
     if remote and task.quota is not None:
-        _shared.join(task.quota, control.cancel)
+        _shared.join(task.quota, control)
     elif task.local is not None:
         task.local.add(control)
     # A cancellation is raised in this thread only while the run steps (between
@@ -244,7 +258,7 @@ def _execute(task: _RunTask) -> _Outcome:
     finally:
         control.leave()
         if remote and task.quota is not None:
-            _shared.leave(control.cancel)
+            _shared.leave(control)
         elif task.local is not None:
             task.local.discard(control)
     return _Outcome(task.run_id, rows=rows)
@@ -254,6 +268,14 @@ def _run_model(task: _RunTask, control: _RunControl) -> list[dict[str, Any]]:
     if not _patch.is_installed():
         with _patch._lock:
             _patch.install(settings)
+    scope_token = stop_scope.set(control.scope)
+    try:
+        return _run_scoped(task, control)
+    finally:
+        stop_scope.reset(scope_token)
+
+
+def _run_scoped(task: _RunTask, control: _RunControl) -> list[dict[str, Any]]:
     with settings.scoped(**task.scope):
         if control.cancelled:
             raise _RunCancelledError
@@ -379,8 +401,7 @@ def _seeds(iterations: int | None, rng: Any) -> list[Any]:
             f"(got iterations={iterations!r} and rng={rng!r}); iterations=n is rng=[None] * n"
         )
     if iterations is not None:
-        if isinstance(iterations, bool) or not isinstance(iterations, int) or iterations < 0:
-            raise ValueError(f"batch_run: iterations must be an int >= 0, got {iterations!r}")
+        iterations = _check_int("iterations", iterations, minimum=0)
         warnings.warn(
             "batch_run: iterations is deprecated, as in Mesa; pass rng=[None] * "
             f"{iterations} (or a list of seeds) instead",
@@ -394,12 +415,23 @@ def _seeds(iterations: int | None, rng: Any) -> list[Any]:
 
 
 def _check_int(name: str, value: object, *, minimum: int, allow: tuple[int, ...] = ()) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` as an int (a NumPy integer is one), checked against ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"batch_run: {name} must be an int, got {value!r} ({type(value).__name__})")
+    value = int(value)
     if value < minimum and value not in allow:
         also = "".join(f" or {a}" for a in allow)
         raise ValueError(f"batch_run: {name} must be >= {minimum}{also}, got {value!r}")
     return value
+
+
+def _check_max_steps(value: object) -> float:
+    """Any real number of steps, as Mesa compares ``model.steps < max_steps``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"batch_run: max_steps must be a number, got {value!r}")
+    if math.isnan(value) or value < 0:
+        raise ValueError(f"batch_run: max_steps must be >= 0, got {value!r}")
+    return value  # type: ignore[return-value]
 
 
 def batch_run(
@@ -487,9 +519,11 @@ def batch_run(
             f"batch_run: parameters must be a mapping of keyword arguments, got {parameters!r}"
         )
     if number_processes is not None:
-        _check_int("number_processes", number_processes, minimum=1)
-    _check_int("data_collection_period", data_collection_period, minimum=1, allow=(-1,))
-    _check_int("max_steps", max_steps, minimum=0)
+        number_processes = _check_int("number_processes", number_processes, minimum=1)
+    data_collection_period = _check_int(
+        "data_collection_period", data_collection_period, minimum=1, allow=(-1,)
+    )
+    max_steps = _check_max_steps(max_steps)
     if on_error not in ERROR_POLICIES:
         accepted = ", ".join(repr(p) for p in ERROR_POLICIES)
         raise ValueError(f"batch_run: on_error must be one of {accepted}, got {on_error!r}")
@@ -608,10 +642,14 @@ class _Batch:
         self.quota: Any = None
         self.local: _LocalRuns | None = None
         self.manager: Any = None
+        self.start_method_unchosen = False
 
     def __enter__(self) -> _Batch:
         import multiprocessing  # only here: a script that never sweeps does not load it
 
+        # A manager or a process pool fixes the program's default start method when
+        # none was chosen (the standard library asks for it on the way): put it back.
+        self.start_method_unchosen = multiprocessing.get_start_method(allow_none=True) is None
         spawn = multiprocessing.get_context("spawn")
         if self.where == "local":
             self.local = _LocalRuns()
@@ -642,6 +680,11 @@ class _Batch:
             self.quota.close()
         if self.manager is not None:
             self.manager.shutdown()
+        if self.where != "local":
+            import multiprocessing
+
+            if self.start_method_unchosen:
+                multiprocessing.set_start_method(None, force=True)
 
     def stop(self) -> None:
         """Cancel the runs not finished, wherever they run."""
@@ -652,29 +695,32 @@ class _Batch:
                 self.quota.request_stop()
 
     def run(self, tasks: list[_RunTask], display_progress: bool) -> dict[int, _Outcome]:
-        from tqdm.auto import tqdm
-
         outcomes: dict[int, _Outcome] = {}
         futures = {self.executor.submit(_execute, task): task.run_id for task in tasks}
         pending = set(futures)
-        with tqdm(
-            total=len(tasks), disable=not display_progress, unit="run", desc="batch_run"
-        ) as bar:
-            try:
-                while pending:
-                    done, pending = concurrent.futures.wait(
-                        pending, timeout=0.1, return_when=concurrent.futures.FIRST_COMPLETED
-                    )
-                    for future in done:
-                        outcomes[futures[future]] = _outcome_of(future, futures[future])
-                    if done:
-                        bar.update(len(done))
-            except KeyboardInterrupt as interrupt:
-                self.stop()
-                for future in pending:
-                    future.cancel()
-                self._wind_down(pending, futures, outcomes)
-                raise _interrupted(interrupt, outcomes, len(tasks)) from None
+        bar = (
+            progress_bar(total=len(tasks), unit="run", desc="batch_run")
+            if display_progress
+            else None
+        )
+        try:
+            while pending:
+                done, pending = concurrent.futures.wait(
+                    pending, timeout=0.1, return_when=concurrent.futures.FIRST_COMPLETED
+                )
+                for future in done:
+                    outcomes[futures[future]] = _outcome_of(future, futures[future])
+                if done and bar is not None:
+                    bar.update(len(done))
+        except KeyboardInterrupt:
+            self.stop()
+            for future in pending:
+                future.cancel()
+            self._wind_down(pending, futures, outcomes)
+            raise _interrupted(tasks, outcomes) from None
+        finally:
+            if bar is not None:
+                bar.close()
         return outcomes
 
     def _wind_down(
@@ -725,21 +771,18 @@ def _collect(
     return rows, failures
 
 
-def _interrupted(
-    interrupt: KeyboardInterrupt, outcomes: dict[int, _Outcome], runs: int
-) -> KeyboardInterrupt:
-    tasks_done = sorted(outcomes)
+def _interrupted(tasks: list[_RunTask], outcomes: dict[int, _Outcome]) -> KeyboardInterrupt:
+    rows, failures = _collect(tasks, outcomes)
     finished = sum(1 for o in outcomes.values() if o.rows is not None)
-    rows = BatchRows()
-    for run_id in tasks_done:
-        if outcomes[run_id].rows is not None:
-            rows.extend(outcomes[run_id].rows)  # type: ignore[arg-type]
-    rows.runs = runs
+    cancelled = len(tasks) - finished - len(failures)
     error = KeyboardInterrupt()
     error.mesa_llm_parallel_rows = rows  # type: ignore[attr-defined]
+    error.mesa_llm_parallel_run_failures = tuple(failures)  # type: ignore[attr-defined]
+    failed = f", {len(failures)} had failed" if failures else ""
     error.add_note(
-        f"batch_run interrupted: {finished} of {runs} runs had finished (their rows are in "
-        f"exception.mesa_llm_parallel_rows); the other {runs - finished} were cancelled."
+        f"batch_run interrupted: {finished} of {len(tasks)} runs had finished{failed} (rows "
+        f"in exception.mesa_llm_parallel_rows, failures in "
+        f"exception.mesa_llm_parallel_run_failures); the other {cancelled} were cancelled."
     )
     return error
 

@@ -9,10 +9,12 @@ import multiprocessing
 import threading
 import time
 import typing
+from pathlib import Path
 
 import mesa
 import pytest
 from packaging.version import Version
+from support import run_python
 from sweep_models import Economy, Quiet, SeededEconomy, Survey
 
 import mesa_llm_parallel as mlp
@@ -21,6 +23,7 @@ from mesa_llm_parallel._permits import permits
 from mesa_llm_parallel.llm_server import LoopbackLLMServer
 
 MODES = ("asyncio", "threading")
+TESTS = Path(__file__).resolve().parent
 
 #: Mesa 4 has no batch_run: there the rows are checked against the models' own frames.
 with_mesas_batch_run = pytest.mark.skipif(
@@ -409,13 +412,23 @@ def test_an_interrupt_cancels_the_runs_and_attaches_the_finished_rows(mode):
                 if self.topic == "quick":
                     self.running = False
 
+        sampled = []
+        sampling = threading.Event()
+
+        def sample():
+            while not sampling.is_set():
+                sampled.append(server.stats().in_flight)
+                time.sleep(0.01)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
         timer = threading.Timer(1.5, _thread.interrupt_main)
         timer.start()
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt) as caught:
             mlp.batch_run(
                 Mixed,
-                {"n": 4, "topic": ["quick", "slow"], "base_url": server.base_url},
+                {"n": 4, "topic": ["quick", "slow", "late"], "base_url": server.base_url},
                 rng=[1, 2],
                 max_steps=50,
                 display_progress=False,
@@ -425,8 +438,8 @@ def test_an_interrupt_cancels_the_runs_and_attaches_the_finished_rows(mode):
         timer.join()
         rows = caught.value.mesa_llm_parallel_rows
         assert {r["topic"] for r in rows} == {"quick"}
-        assert {r["RunId"] for r in rows} == {0, 2}
-        assert "2 of 4 runs had finished" in caught.value.__notes__[0]
+        assert {r["RunId"] for r in rows} == {0, 3}
+        assert "2 of 6 runs had finished" in caught.value.__notes__[0]
         assert took < 1.5 + 3.0  # the slow runs stopped instead of running 10 s
         deadline = time.monotonic() + 5
         while permits.held and time.monotonic() < deadline:
@@ -435,9 +448,69 @@ def test_an_interrupt_cancels_the_runs_and_attaches_the_finished_rows(mode):
         requests = server.stats().requests
         time.sleep(0.5)
         assert server.stats().requests == requests  # nothing of the batch still asks
+        sampling.set()
+        sampler.join()
+        # The cap held through the interrupt: agents given back their permits by the
+        # interrupted runs started nothing in the runs interrupted after them.
+        assert max(sampled) <= 6
+
+
+def test_numpy_integers_and_float_step_counts_are_accepted_as_mesa_accepts_them():
+    numpy = pytest.importorskip("numpy")
+    expected = mlp.batch_run(
+        Quiet,
+        {"level": [1, 2]},
+        rng=[1],
+        max_steps=2,
+        data_collection_period=1,
+        display_progress=False,
+    )
+    for options in (
+        {"max_steps": numpy.int64(2), "data_collection_period": numpy.int64(1)},
+        {"max_steps": 2.0, "data_collection_period": 1},
+    ):
+        assert (
+            mlp.batch_run(Quiet, {"level": [1, 2]}, rng=[1], display_progress=False, **options)
+            == expected
+        )
+
+
+def test_an_interrupt_keeps_the_failures_seen_so_far():
+    class Slow(Economy):
+        def step(self):
+            super().step()
+            time.sleep(0.2)
+
+    threading.Timer(1.0, _thread.interrupt_main).start()
+    with pytest.raises(KeyboardInterrupt) as caught:
+        mlp.batch_run(
+            Slow, {"n": 2, "fail_at": [1, None]}, rng=[1], max_steps=50, display_progress=False
+        )
+    failures = caught.value.mesa_llm_parallel_run_failures
+    assert [f.run_id for f in failures] == [0]
+    assert caught.value.mesa_llm_parallel_rows.failures == failures
+    assert "0 of 2 runs had finished, 1 had failed" in caught.value.__notes__[0]
+    assert "the other 1 were cancelled" in caught.value.__notes__[0]
 
 
 def test_the_start_method_of_the_program_is_left_alone():
-    before = multiprocessing.get_start_method(allow_none=True)
-    mlp.batch_run(Quiet, {"level": 1}, max_steps=1, display_progress=False)
-    assert multiprocessing.get_start_method(allow_none=True) == before
+    # In a fresh interpreter, where no start method was chosen: a progress bar (tqdm
+    # makes a multiprocessing lock), a manager and a process pool all leave it unchosen.
+    result = run_python(
+        f"""
+        import multiprocessing, sys
+        sys.path.insert(0, {str(TESTS)!r})
+        import mesa_llm_parallel as mlp
+        from sweep_models import Quiet
+
+        if __name__ == "__main__":
+            for options in ({{}}, {{"number_processes": 2}}):
+                mlp.batch_run(Quiet, {{"level": 1}}, max_steps=1, display_progress=True,
+                              **options)
+                print("METHOD", multiprocessing.get_start_method(allow_none=True))
+            multiprocessing.set_start_method("forkserver")
+            print("SET OK")
+        """
+    )
+    assert result.stdout.count("METHOD None") == 2, result.stdout + result.stderr[-2000:]
+    assert "SET OK" in result.stdout
