@@ -6,8 +6,8 @@ to make ``model.agents.shuffle_do("step")`` run the agents concurrently.
 
 Core objects: :data:`settings` (the live settings), the functions of
 :mod:`mesa_llm_parallel.parallel_stepping`, :func:`ashuffle_do` for async code,
-:func:`in_turn` for ordered effects, :func:`last_step_report`, and :func:`batch_run` for
-sweeps of many runs under one quota.
+:func:`in_turn` for ordered effects, :func:`last_step_report`, and
+:func:`~mesa_llm_parallel.batchrunner.batch_run` for sweeps of many runs under one quota.
 """
 
 from __future__ import annotations

@@ -324,7 +324,7 @@ class Settings:
 
         Steps started in the ``with`` block, and in threads and tasks that copy its
         context, see ``values``; the live settings, and every other context, are
-        untouched. :func:`~mesa_llm_parallel.batch_run` runs each model this way.
+        untouched. :func:`~mesa_llm_parallel.batchrunner.batch_run` runs each model this way.
         Values are validated first (as :meth:`update`); scopes nest, the inner one
         winning.
 
