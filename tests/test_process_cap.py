@@ -9,6 +9,7 @@ import time
 import mesa
 import pytest
 from mesa.agent import AgentSet
+from support import create_agents
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel._permits import permits
@@ -55,7 +56,7 @@ class Crowd(mesa.Model):
     def __init__(self, agent_class: type, n: int) -> None:
         super().__init__(rng=1)
         self.parallel_stepping = True
-        agent_class.create_agents(self, n)
+        create_agents(agent_class, self, n)
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
@@ -100,7 +101,7 @@ class Family(mesa.Model):
     def __init__(self) -> None:
         super().__init__(rng=2)
         self.parallel_stepping = True
-        Parent.create_agents(self, 6)
+        create_agents(Parent, self, 6)
 
     def step(self) -> None:
         self.agents.select(agent_type=Parent).shuffle_do("step")
