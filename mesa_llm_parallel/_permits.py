@@ -55,6 +55,17 @@ class _Waiter:
         self.callback = callback
         self.granted = False
 
+    def wake(self) -> bool:
+        """Tell the waiter its permit came; False if its loop is closed (nobody waits)."""
+        if self.event is not None:
+            self.event.set()
+            return True
+        try:
+            self.loop.call_soon_threadsafe(self.callback)  # type: ignore[union-attr, arg-type]
+        except RuntimeError:  # "Event loop is closed"
+            return False
+        return True
+
 
 class Permits:
     """A counting semaphore shared by threads and event loops, with per-call limits.
@@ -152,15 +163,9 @@ class Permits:
                 if handed is None:
                     self._held -= 1
                     return
-            if handed.event is not None:
-                handed.event.set()
+            if handed.wake():
                 return
-            try:
-                handed.loop.call_soon_threadsafe(handed.callback)  # type: ignore[union-attr]
-                return
-            except RuntimeError:  # its loop is closed: nobody waits there any more
-                handed.granted = False
-                continue  # hand the permit on
+            handed.granted = False  # its loop is closed: hand the permit on
 
     def _reset(self) -> None:
         self.shared = None

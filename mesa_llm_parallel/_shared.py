@@ -197,16 +197,11 @@ class SharedPermits:
                 waiter = self._waiters.popleft()
                 waiter.granted = True
                 self.held += 1
-            if waiter.event is not None:
-                waiter.event.set()
+            if waiter.wake():
                 return
-            try:
-                waiter.loop.call_soon_threadsafe(waiter.callback)  # type: ignore[union-attr]
-                return
-            except RuntimeError:  # its loop is closed: nobody waits there any more
-                with self._lock:
-                    waiter.granted = False
-                    self.held -= 1
+            with self._lock:  # its loop is closed: the lease goes to the next waiter
+                waiter.granted = False
+                self.held -= 1
         self._releases.put(True)  # withdrawn while the lease was on its way
 
     def _release_loop(self) -> None:
