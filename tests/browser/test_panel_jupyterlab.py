@@ -10,8 +10,8 @@ that kernel, and in the panel's figures.
 The panel's parts are found by their CSS classes (``mlp-panel``, ``mlp-parallel``,
 ``mlp-mode``, ``mlp-threads``, ``mlp-cap``, ``mlp-steps``, ``mlp-run``, ``mlp-pause``,
 ``mlp-figures``, ``mlp-chart``, ``mlp-status``). Screenshots of the page after Run All
-and at the end are saved in the test's output folder (``test-results/...``), whose path
-the test prints.
+and at the end (and at a failure) are saved in the test's output folder
+(``test-results/...``), whose path the test prints.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -114,12 +115,16 @@ def test_panel_drives_the_notebook_kernel(lab: JupyterLab, page: Page, shots: Pa
     kernel = lab.connect(NOTEBOOK)
     try:
         drive_the_panel(page, kernel, shots, cells=code_cells(lab.root_dir / NOTEBOOK))
+    except BaseException:
+        page.screenshot(path=shots / "failure.png")
+        raise
     finally:
         kernel.close()
 
 
 def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -> None:
     # The kernel is this interpreter, importing this checkout's package.
+    assert kernel.value("__import__('sys').executable") == sys.executable
     package = kernel.value("__import__('mesa_llm_parallel').__file__")
     assert Path(package).resolve().is_relative_to(ROOT)
 
