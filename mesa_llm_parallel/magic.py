@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import textwrap
 from typing import Any
 
 from IPython.core.error import UsageError
@@ -19,7 +20,8 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 
-from mesa_llm_parallel._report import last_step_report, last_stepped_model
+from mesa_llm_parallel._display import figures, figures_text
+from mesa_llm_parallel._report import last_step_report, last_stepped_model, step_number
 from mesa_llm_parallel._settings import ERROR_POLICIES, MODES, settings
 from mesa_llm_parallel.parallel_stepping import (
     disable_automatic_parallel_stepping,
@@ -254,10 +256,9 @@ class ParallelSteppingMagics(Magics):
             flag = vars(model).get("parallel_stepping", _MISSING)
             shown = "not set" if flag is _MISSING else repr(flag)
             lines.append(f"{name}: parallel_stepping {shown}")
-            report = last_step_report(model)
-            lines.append(
-                f"{name}: last parallel step: {report.summary() if report else 'none yet'}"
-            )
+            shown = figures(last_step_report(model), steps=step_number(model))
+            lines.append(f"{name}:")
+            lines.append(textwrap.indent(figures_text(shown), "  "))
         return "\n".join(lines)
 
 

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import html
 import os
 import threading
 import weakref
@@ -44,6 +43,14 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         'pip install "mesa_llm_parallel[solara]"'
     ) from exc
 
+from mesa_llm_parallel._display import (
+    CHART_HEIGHT,
+    CHART_WIDTH,
+    COLOURS,
+    StepTime,
+    chart_svg,
+    figures,
+)
 from mesa_llm_parallel._report import (
     StepReport,
     add_step_callback,
@@ -68,8 +75,7 @@ __all__ = [
 #: How many recent parallel steps the chart shows.
 HISTORY_LENGTH: Final = 60
 
-_MODE_COLOURS: Final = {"asyncio": "#1565c0", "threading": "#ef6c00"}
-_FAILURE_COLOUR: Final = "#c62828"
+_FAILURE_COLOUR: Final = COLOURS["failed"]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -120,17 +126,9 @@ def apply_panel_choices(model: Any, choices: PanelChoices | None = None) -> None
 # -- per-model panel state (never keeps a model alive) ---------------------------------
 
 
-@dataclasses.dataclass(frozen=True, slots=True)
-class _StepPoint:
-    step: int
-    wall_time: float
-    mode: str
-    failures: int
-
-
 @dataclasses.dataclass(slots=True)
 class _ModelState:
-    history: collections.deque[_StepPoint] = dataclasses.field(
+    history: collections.deque[StepTime] = dataclasses.field(
         default_factory=lambda: collections.deque(maxlen=HISTORY_LENGTH)
     )
     choices_applied: bool = False
@@ -158,10 +156,7 @@ def _record_step(model: Any, report: StepReport) -> None:
         except TypeError:  # a model that cannot be a weak key
             return
     if state is not None:
-        point = _StepPoint(
-            step_number(model) or 0, report.wall_time, report.mode, len(report.failures)
-        )
-        state.history.append(point)
+        state.history.append(StepTime.of_report(report, step_number(model)))
 
 
 def _state_of(model: Any) -> _ModelState:
@@ -178,71 +173,6 @@ def _state_of(model: Any) -> _ModelState:
         except TypeError:  # not weak-referenceable or unhashable: no history kept
             state = _ModelState()
     return state
-
-
-# -- presentation helpers ---------------------------------------------------------------
-
-
-def _milliseconds(seconds: float) -> str:
-    ms = seconds * 1000
-    return f"{ms:.0f} ms" if ms >= 10 else f"{ms:.1f} ms"
-
-
-def _sparkline_svg(points: list[_StepPoint], *, width: int = 320, height: int = 84) -> str:
-    """An SVG chart of recent step times: one dot per step, coloured by mode.
-
-    Args:
-        points: The steps to draw, oldest first.
-        width: Width of the picture in pixels.
-        height: Height of the picture in pixels, legend included.
-
-    Returns:
-        The ``<svg>`` element as a string, or an empty string without points.
-    """
-    if not points:
-        return ""
-    left, right, top_pad, legend = 4, 56, 8, 18
-    bottom = height - legend
-    top = max(p.wall_time for p in points) or 1e-9
-    step_x = (width - left - right) / max(len(points) - 1, 1)
-
-    def xy(i: int, p: _StepPoint) -> tuple[float, float]:
-        return left + i * step_x, top_pad + (bottom - top_pad) * (1 - p.wall_time / top)
-
-    coords = [xy(i, p) for i, p in enumerate(points)]
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-    parts = [
-        f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
-        f'viewBox="0 0 {width} {height}" role="img" aria-label="recent parallel step times" '
-        'style="font-family: sans-serif">',
-        f'<line x1="{left}" y1="{bottom}" x2="{width - right}" y2="{bottom}" stroke="#bbb"/>',
-        f'<polyline points="{line}" fill="none" stroke="#90a4ae" stroke-width="1.5"/>',
-    ]
-    for (x, y), p in zip(coords, points, strict=True):
-        colour = _FAILURE_COLOUR if p.failures else _MODE_COLOURS.get(p.mode, "#555")
-        label = f"step {p.step}: {_milliseconds(p.wall_time)}, {p.mode}"
-        if p.failures:
-            label += f", {p.failures} failed"
-        parts.append(
-            f'<circle cx="{x:.1f}" cy="{y:.1f}" r="3" fill="{colour}">'
-            f"<title>{html.escape(label)}</title></circle>"
-        )
-    label_x = width - right + 6
-    parts.append(
-        f'<text x="{label_x}" y="{top_pad + 4}" font-size="11" fill="#555">'
-        f"{html.escape(_milliseconds(top))}</text>"
-        f'<text x="{label_x}" y="{bottom + 4}" font-size="11" fill="#555">0 ms</text>'
-    )
-    legend_y = height - 4
-    x = left
-    for name, colour in (*_MODE_COLOURS.items(), ("failures", _FAILURE_COLOUR)):
-        parts.append(
-            f'<circle cx="{x + 4}" cy="{legend_y - 4}" r="4" fill="{colour}"/>'
-            f'<text x="{x + 12}" y="{legend_y}" font-size="11" fill="#555">{name}</text>'
-        )
-        x += 14 + 7 * len(name) + 12
-    parts.append("</svg>")
-    return "".join(parts)
 
 
 # -- the components (Solara components are PascalCase, hence the N802 exemptions) --------
@@ -384,7 +314,7 @@ def _Card(  # noqa: N802
     on_cap: Callable[[int | None], None],
     report: StepReport | None,
     steps: int | None,
-    history: tuple[_StepPoint, ...],
+    history: tuple[StepTime, ...],
     margin: int = 0,
 ) -> None:
     with solara.Card(title, margin=margin, classes=["mlp-parallel-controls"]):
@@ -438,54 +368,40 @@ def _ReportView(  # noqa: N802
     report: StepReport | None,
     flag: bool,
     steps: int | None,
-    history: tuple[_StepPoint, ...],
+    history: tuple[StepTime, ...],
 ) -> None:
     with solara.Column(gap="4px", classes=["mlp-step-report"], style={"margin-top": "12px"}):
-        solara.Text("Last parallel step", style={"font-weight": "bold"})
-        if report is None:
-            hint = "none yet: press Step or Play" if flag else "none: parallel stepping is off"
-            solara.Text(hint, classes=["mlp-report-empty"])
+        empty = "none yet: press Step or Play" if flag else "none: parallel stepping is off"
+        shown = figures(report, history, steps=steps, empty_note=empty)
+        muted = {} if shown.current else {"opacity": "0.6"}
+        solara.Text(
+            shown.heading, style={"font-weight": "bold", **muted}, classes=["mlp-report-heading"]
+        )
+        if shown.note is not None:
+            solara.Text(shown.note, classes=["mlp-report-empty"])
             return
-        step = f" (step {history[-1].step})" if history else ""
-        cap = "no cap" if report.max_concurrency is None else f"cap {report.max_concurrency}"
-        failed = len(report.failures)
-        if failed:
-            first = report.failures[0].exception
-            timed_out = f", {len(report.timed_out)} timed out" if report.timed_out else ""
-            failures = f"{failed}{timed_out}; first: {type(first).__name__}: {first}"
-        else:
-            failures = "none"
-        rows = [
-            ("Wall time", f"{_milliseconds(report.wall_time)}{step}", "mlp-report-time"),
-            ("Speedup", f"{report.speedup:.1f}x (agent time / wall time)", "mlp-report-speedup"),
-            (
-                "Agents",
-                f"{report.completed}/{report.agents} done, peak {report.peak_in_flight} in flight",
-                "mlp-report-agents",
-            ),
-            ("Ran with", f"{report.mode}, pool {report.pool_size}, {cap}", "mlp-report-config"),
-            ("Failures", failures, "mlp-report-failures"),
-        ]
         grid = {"display": "grid", "grid-template-columns": "auto 1fr", "gap": "2px 12px"}
-        with solara.Div(style=grid):
-            for label, value, css_class in rows:
-                solara.Text(label, style={"opacity": "0.7"})
-                colour = (
-                    {"color": _FAILURE_COLOUR} if css_class.endswith("failures") and failed else {}
-                )
-                solara.Text(value, classes=[css_class], style=colour)
-        if history and steps is not None and steps > history[-1].step:
+        with solara.Div(style={**grid, **muted}):
+            for row in shown.report:
+                solara.Text(row.label, style={"opacity": "0.7"})
+                colour = {"color": _FAILURE_COLOUR} if row.alert else {}
+                solara.Text(row.value, classes=[f"mlp-report-{row.key}"], style=colour)
+        if history and steps is not None and history[-1].step is not None:
             behind = steps - history[-1].step
-            solara.Text(
-                f"The last {behind} step{'s' if behind > 1 else ''} ran sequentially.",
-                classes=["mlp-report-sequential"],
-                style={"font-style": "italic"},
-            )
+            if behind > 0:
+                solara.Text(
+                    f"The last {behind} step{'s' if behind > 1 else ''} ran sequentially.",
+                    classes=["mlp-report-sequential"],
+                    style={"font-style": "italic"},
+                )
         if history:
             solara.Text(
                 f"Wall time of the last {len(history)} parallel steps",
                 style={"font-size": "0.85em", "opacity": "0.7", "margin-top": "6px"},
             )
             solara.HTML(
-                tag="div", unsafe_innerHTML=_sparkline_svg(list(history)), classes=["mlp-chart"]
+                tag="div",
+                unsafe_innerHTML=chart_svg(history, capacity=HISTORY_LENGTH),
+                classes=["mlp-chart"],
+                style={"width": f"{CHART_WIDTH}px", "height": f"{CHART_HEIGHT}px"},
             )

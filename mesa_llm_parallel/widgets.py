@@ -29,7 +29,7 @@ import time
 import traceback
 import weakref
 from collections import deque
-from typing import Any, Final, NamedTuple
+from typing import Any, Final
 
 try:
     import ipywidgets as widgets
@@ -39,6 +39,14 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
         'install it with: pip install "mesa_llm_parallel[jupyter]"'
     ) from exc
 
+from mesa_llm_parallel._display import (
+    CHART_WIDTH,
+    COLOURS,
+    StepTime,
+    chart_svg,
+    figures,
+    figures_html,
+)
 from mesa_llm_parallel._loops import wait_event
 from mesa_llm_parallel._report import (
     StepReport,
@@ -54,25 +62,21 @@ from mesa_llm_parallel.parallel_stepping import (
     wants_parallel_stepping,
 )
 
-__all__ = ["ParallelSteppingPanel", "StepTime"]
+__all__ = ["THREAD_PRESETS", "ParallelSteppingPanel", "StepTime"]
 
 #: How many recent step times the chart shows.
 CHART_LENGTH: Final = 50
 
-#: Range of the "Threads" slider (it widens to show a larger value set elsewhere).
-_THREADS_RANGE: Final = (1, 256)
+#: The pool sizes the "Threads" slider offers, on a doubling scale (a size set elsewhere,
+#: such as ``settings.max_workers = 12``, is added to them while it is the setting).
+THREAD_PRESETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 #: Largest value of "Max in flight" (it widens to show a larger value set elsewhere).
 _CAP_MAX: Final = 100_000
 #: Largest number of steps one run may be asked for.
 _STEPS_MAX: Final = 10_000_000
 
-_PARALLEL_COLOUR: Final = "#1f77b4"
-_SEQUENTIAL_COLOUR: Final = "#ff7f0e"
+_PARALLEL_COLOUR: Final = COLOURS["asyncio"]
 _ERROR_COLOUR: Final = "#c62828"
-
-_PROCESS_WIDE: Final = (
-    "Process-wide: applies to every model in this Python process, from the next step on."
-)
 
 # Every open panel, so that a setting changed in one shows at once in the others.
 # Weak: a panel that is no longer referenced anywhere is not kept alive by this set.
@@ -96,30 +100,6 @@ def _refresh_other_panels(changed: ParallelSteppingPanel) -> None:
         others = [panel for panel in _open_panels if panel is not changed]
     for panel in others:
         panel.refresh()
-
-
-class StepTime(NamedTuple):
-    """One point of the panel's step-time chart.
-
-    Attributes:
-        seconds: Wall time of the step.
-        parallel: True for a parallel step (its time comes from the step report),
-            False for a sequential step run by the panel (timed around ``model.step()``).
-    """
-
-    seconds: float
-    parallel: bool
-
-
-def _format_seconds(seconds: float) -> str:
-    """``12.3 ms`` below one second, ``1.23 s`` above."""
-    if seconds < 1.0:
-        return f"{seconds * 1000:.1f} ms"
-    return f"{seconds:.2f} s"
-
-
-def _format_speedup(speedup: float) -> str:
-    return f"{speedup:.1f}x"
 
 
 def _make_step_callback(panel: ParallelSteppingPanel, model: Any) -> Any:
@@ -153,9 +133,13 @@ class ParallelSteppingPanel(widgets.VBox):
       These are process-wide: they apply to every model, from the next step on.
     * **Steps**, **Run**, **Pause**, **Step** run the model in the background.
 
-    The figures come from :func:`~mesa_llm_parallel.last_step_report`; the chart shows
-    the last 50 step times (parallel steps from their reports, sequential steps run by
-    the panel timed around ``model.step()``). After every step, and whenever one of its
+    The figures come from :func:`~mesa_llm_parallel.last_step_report`, under a heading
+    that says whether they are the last step's or an earlier parallel step's. The chart
+    shows the last 50 step times on a logarithmic time axis (parallel steps from their
+    reports, sequential steps run by the panel timed around ``model.step()``); a step
+    that mostly waited for a busy event loop, such as the kernel's during a running
+    cell, is drawn hollow and marked "stalled". Both are drawn by the same code as the
+    Solara component's (``mesa_llm_parallel._display``). After every step, and whenever one of its
     controls changes, the panel re-reads the settings and the model's flag, so several
     panels and the ``%parallel_stepping`` magic stay in agreement.
 
@@ -184,7 +168,9 @@ class ParallelSteppingPanel(widgets.VBox):
     Attributes:
         parallel_toggle: The "Parallel stepping" checkbox (this model).
         mode_selector: The "Mode" buttons (process-wide).
-        threads_slider: The "Threads" slider (process-wide).
+        threads_slider: The "Threads" slider (process-wide): a ``SelectionSlider`` over
+            :data:`THREAD_PRESETS`, plus the current ``settings.max_workers`` when it is
+            not one of them.
         cap_input: The "Max in flight (0 = no cap)" box (process-wide).
         steps_input: How many steps "Run" runs.
         run_button: Runs ``steps_input.value`` steps.
@@ -193,6 +179,8 @@ class ParallelSteppingPanel(widgets.VBox):
         figures_html: The figures of the latest steps.
         chart_html: The chart of recent step times (inline SVG).
         status_html: One line: what the panel is doing, or the latest error.
+        notice_html: One line: the latest change made with a control, and when (runs
+            do not overwrite it).
         traceback_html: The traceback of a failed run (hidden when there is none).
     """
 
@@ -236,29 +224,23 @@ class ParallelSteppingPanel(widgets.VBox):
     def _build(self) -> None:
         wide = {"description_width": "initial"}
         self.parallel_toggle = widgets.Checkbox(
-            value=False,
-            description="Parallel stepping",
-            indent=False,
-            tooltip="This model only: sets model.parallel_stepping. Switching it on also "
-            "patches Mesa's shuffle_do if needed.",
-            layout=widgets.Layout(width="auto"),
+            value=False, description="Parallel stepping", indent=False
         )
         self._state_html = widgets.HTML()
+        explain = "<span style='color:#666;font-size:90%'>{}</span>".format
         self.mode_selector = widgets.ToggleButtons(
             options=list(MODES),
             description="Mode",
             tooltips=[
-                f"async def astep runs on an event loop; sync agents in threads. {_PROCESS_WIDE}",
-                f"Every agent's step runs in the thread pool. {_PROCESS_WIDE}",
+                "async def astep runs on an event loop; sync agents in the thread pool",
+                "every agent's step runs in the thread pool",
             ],
             style={**wide, "button_width": "90px"},
         )
-        low, high = _THREADS_RANGE
-        self.threads_slider = widgets.IntSlider(
-            min=low,
-            max=high,
+        self.threads_slider = widgets.SelectionSlider(
+            options=list(THREAD_PRESETS),
+            value=THREAD_PRESETS[0],
             description="Threads",
-            tooltip=f"Size of the library's thread pool. {_PROCESS_WIDE}",
             continuous_update=False,
             style=wide,
             layout=widgets.Layout(width="340px"),
@@ -267,7 +249,6 @@ class ParallelSteppingPanel(widgets.VBox):
             min=0,
             max=_CAP_MAX,
             description="Max in flight (0 = no cap)",
-            tooltip=f"Most agents running at once in one step. {_PROCESS_WIDE}",
             style=wide,
             layout=widgets.Layout(width="250px"),
         )
@@ -276,7 +257,6 @@ class ParallelSteppingPanel(widgets.VBox):
             min=1,
             max=_STEPS_MAX,
             description="Steps",
-            tooltip="How many steps Run runs",
             style=wide,
             layout=widgets.Layout(width="150px"),
         )
@@ -294,9 +274,11 @@ class ParallelSteppingPanel(widgets.VBox):
         )
         for button in (self.run_button, self.pause_button, self.step_button):
             button.layout = widgets.Layout(width="auto")
-        self.figures_html = widgets.HTML(layout=widgets.Layout(margin="0 24px 0 0"))
-        self.chart_html = widgets.HTML()
+        # Fixed widths: the chart stays in place whatever the figures beside it say.
+        self.figures_html = widgets.HTML(layout=widgets.Layout(width="340px", margin="0 16px 0 0"))
+        self.chart_html = widgets.HTML(layout=widgets.Layout(width=f"{CHART_WIDTH + 4}px"))
         self.status_html = widgets.HTML()
+        self.notice_html = widgets.HTML()
         self.traceback_html = widgets.HTML(layout=widgets.Layout(display="none"))
 
         heading = "<b>{}</b> <span style='color:#666'>{}</span>".format
@@ -304,20 +286,48 @@ class ParallelSteppingPanel(widgets.VBox):
             widgets.HTML(heading("This model", "")),
             widgets.HBox([self.parallel_toggle, self._state_html]),
             widgets.HTML(
-                heading("All models in this process", "(settings apply from the next step)")
+                explain(
+                    "Sets <code>model.parallel_stepping</code> for this model only; switching "
+                    "it on also patches Mesa's <code>shuffle_do</code> if that is not done yet."
+                )
             ),
+            widgets.HTML(heading("All models in this process", "(from the next step on)")),
             self.mode_selector,
+            widgets.HTML(
+                explain(
+                    "asyncio: agents' <code>astep</code> run on an event loop, and the thread "
+                    "pool runs only sync agents. threading: every agent's <code>step</code> "
+                    "runs in the thread pool."
+                )
+            ),
             widgets.HBox([self.threads_slider, self.cap_input]),
+            self.notice_html,
             widgets.HTML(heading("Run", "(in the background; the notebook stays usable)")),
             widgets.HBox([self.steps_input, self.run_button, self.pause_button, self.step_button]),
+            self.status_html,
             widgets.HBox(
                 [self.figures_html, self.chart_html],
                 layout=widgets.Layout(align_items="flex-start"),
             ),
-            self.status_html,
             self.traceback_html,
         ]
         self.children = children
+        self.add_class("mlp-panel")
+        for widget, name in (
+            (self.parallel_toggle, "parallel"),
+            (self.mode_selector, "mode"),
+            (self.threads_slider, "threads"),
+            (self.cap_input, "cap"),
+            (self.steps_input, "steps"),
+            (self.run_button, "run"),
+            (self.pause_button, "pause"),
+            (self.step_button, "step"),
+            (self.figures_html, "figures"),
+            (self.chart_html, "chart"),
+            (self.status_html, "status"),
+            (self.notice_html, "notice"),
+        ):
+            widget.add_class(f"mlp-{name}")
 
         self.parallel_toggle.observe(self._on_toggle, names="value")
         self.mode_selector.observe(self._on_mode, names="value")
@@ -516,7 +526,8 @@ class ParallelSteppingPanel(widgets.VBox):
                 done += 1
                 with self._ui_lock:
                     if self._reports_seen == reports_before:  # no parallel step happened
-                        self._history.append(StepTime(elapsed, parallel=False))
+                        point = StepTime(elapsed, parallel=False, step=step_number(model))
+                        self._history.append(point)
                 if not self._closed:
                     self.refresh()
         except BaseException as exc:  # never lost: shown in the panel and kept
@@ -542,7 +553,9 @@ class ParallelSteppingPanel(widgets.VBox):
             if self._closed:
                 return
             self._reports_seen += 1
-            self._history.append(StepTime(report.wall_time, parallel=True))
+            model = self._model
+            step = None if model is None else step_number(model)
+            self._history.append(StepTime.of_report(report, step))
             self.refresh()
 
     # -- reacting to controls ----------------------------------------------------------
@@ -555,12 +568,12 @@ class ParallelSteppingPanel(widgets.VBox):
             try:
                 set_parallel_stepping(model, on)
             except Exception as exc:
-                self._set_status(
+                self._set_notice(
                     f"Parallel stepping not changed: {type(exc).__name__}: {exc}", error=True
                 )
             else:
                 state = "on" if on else "off"
-                self._set_status(f"Parallel stepping {state} for this model, from the next step.")
+                self._set_notice(f"Parallel stepping {state} for this model, from the next step.")
             self.refresh()
         _refresh_other_panels(self)  # a panel of the same model, or the patch state
 
@@ -583,9 +596,9 @@ class ParallelSteppingPanel(widgets.VBox):
             try:
                 settings.update(**{name: value})
             except Exception as exc:
-                self._set_status(f"{label} not changed: {type(exc).__name__}: {exc}", error=True)
+                self._set_notice(f"{label} not changed: {type(exc).__name__}: {exc}", error=True)
             else:
-                self._set_status(f"{label} set to {shown} for every model, from the next step.")
+                self._set_notice(f"{label} set to {shown} for every model, from the next step.")
             self.refresh()  # on an error, this puts the control back to the current setting
         _refresh_other_panels(self)  # outside this panel's lock: never two panel locks at once
 
@@ -617,7 +630,9 @@ class ParallelSteppingPanel(widgets.VBox):
             try:
                 self.parallel_toggle.value = flag
                 self.mode_selector.value = cfg.mode
-                self.threads_slider.max = max(self.threads_slider.max, cfg.max_workers)
+                sizes = set(THREAD_PRESETS) | {cfg.max_workers}
+                if set(self.threads_slider.options) != sizes:
+                    self.threads_slider.options = sorted(sizes)
                 self.threads_slider.value = cfg.max_workers
                 self.cap_input.max = max(self.cap_input.max, cap)
                 self.cap_input.value = cap
@@ -633,16 +648,26 @@ class ParallelSteppingPanel(widgets.VBox):
             return
         report = last_step_report(model)
         history = tuple(self._history)
-        self.figures_html.value = _figures_html(
-            report, history[-1] if history else None, step_number(model)
-        )
-        self.chart_html.value = _sparkline_svg(history)
+        shown = figures(report, history, steps=step_number(model))
+        self.figures_html.value = figures_html(shown)
+        self.chart_html.value = chart_svg(history, capacity=CHART_LENGTH)
 
     def _set_status(self, text: str, *, error: bool = False) -> None:
         if self._closed:
             return
         colour = f"color:{_ERROR_COLOUR};" if error else ""
         self.status_html.value = f"<span style='{colour}'>{html.escape(text)}</span>"
+
+    def _set_notice(self, text: str, *, error: bool = False) -> None:
+        """Confirm a change of a control, on a line of its own that runs do not overwrite."""
+        if self._closed:
+            return
+        colour = f"color:{_ERROR_COLOUR};" if error else "color:#2e7d32;"
+        stamp = time.strftime("%H:%M:%S")
+        self.notice_html.value = (
+            f"<span style='{colour}'>{html.escape(text)}</span> "
+            f"<span style='color:#666;font-size:85%'>({stamp})</span>"
+        )
 
     def _show_traceback(self, exc: BaseException | None) -> None:
         if self._closed:
@@ -680,73 +705,3 @@ def _state_text(flag: bool, *, installed: bool) -> str:
     else:
         text, colour = "this model steps one agent at a time", "#666"
     return f"<span style='color:{colour}'>{html.escape(text)}</span>"
-
-
-def _figures_html(report: StepReport | None, last: StepTime | None, model_steps: Any) -> str:
-    rows: list[tuple[str, str]] = []
-    if last is not None:
-        kind = "parallel" if last.parallel else "sequential"
-        rows.append(("Last step", f"{_format_seconds(last.seconds)} ({kind})"))
-    if isinstance(model_steps, int):
-        rows.append(("Model steps so far", str(model_steps)))
-    if report is None:
-        rows.append(("Last parallel step", "none yet"))
-    else:
-        rows += [
-            ("Last parallel step", _format_seconds(report.wall_time)),
-            ("Speedup", _format_speedup(report.speedup)),
-            ("Peak agents in flight", str(report.peak_in_flight)),
-            ("Completed", f"{report.completed} of {report.agents}"),
-            ("Failed", str(len(report.failures))),
-            ("Timed out", str(len(report.timed_out))),
-            ("Ran with", f"{report.mode}, {report.pool_size} threads"),
-        ]
-        if report.interrupted:
-            rows.append(("Interrupted", "yes"))
-    cells = "".join(
-        f"<tr><td style='padding-right:12px;color:#555'>{html.escape(label)}</td>"
-        f"<td style='text-align:right'>{html.escape(value)}</td></tr>"
-        for label, value in rows
-    )
-    return f"<table style='font-size:90%'>{cells}</table>"
-
-
-def _sparkline_svg(points: tuple[StepTime, ...]) -> str:
-    """An inline SVG chart of ``points``: one dot per step, coloured by kind."""
-    width, height, pad = 280, 60, 4
-    legend = (
-        f"<span style='color:{_PARALLEL_COLOUR}'>●</span> parallel &nbsp;"
-        f"<span style='color:{_SEQUENTIAL_COLOUR}'>●</span> sequential"
-    )
-    if not points:
-        return (
-            "<div style='font-size:90%'><div>Recent step times</div>"
-            f"<div style='color:#666;height:{height}px'>no steps yet</div>"
-            f"<div style='font-size:85%'>{legend}</div></div>"
-        )
-    top = max(p.seconds for p in points) or 1.0
-    dx = (width - 2 * pad) / (CHART_LENGTH - 1)
-
-    def xy(i: int, point: StepTime) -> tuple[float, float]:
-        return pad + i * dx, height - pad - point.seconds / top * (height - 2 * pad)
-
-    coords = [xy(i, p) for i, p in enumerate(points)]
-    line = " ".join(f"{x:.1f},{y:.1f}" for x, y in coords)
-    dots = "".join(
-        f"<circle cx='{x:.1f}' cy='{y:.1f}' r='2.5' "
-        f"fill='{_PARALLEL_COLOUR if p.parallel else _SEQUENTIAL_COLOUR}'>"
-        f"<title>{_format_seconds(p.seconds)} ({'parallel' if p.parallel else 'sequential'})"
-        "</title></circle>"
-        for (x, y), p in zip(coords, points, strict=True)
-    )
-    svg = (
-        f"<svg xmlns='http://www.w3.org/2000/svg' width='{width}' height='{height}' "
-        f"viewBox='0 0 {width} {height}' role='img' aria-label='recent step times'>"
-        f"<rect x='0' y='0' width='{width}' height='{height}' fill='#fafafa' stroke='#ddd'/>"
-        f"<polyline points='{line}' fill='none' stroke='#999' stroke-width='1'/>{dots}</svg>"
-    )
-    return (
-        "<div style='font-size:90%'>"
-        f"<div>Recent step times (last {len(points)}; top {_format_seconds(top)})</div>"
-        f"{svg}<div style='font-size:85%'>{legend}</div></div>"
-    )

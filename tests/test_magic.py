@@ -82,9 +82,14 @@ def test_status_shows_settings_and_the_last_report(ip, capsys):
     out = capsys.readouterr().out
     assert "patch installed: yes" in out
     assert "timeout=2.5 s" in out
-    assert "most recent model: last parallel step: 6/6 agents completed" in out
+    # The same figures as the panels show, as text.
+    assert "most recent model:\n  Model steps so far: 1\n  Last parallel step:\n" in out
+    assert "    Agents: 6/6 done, peak " in out
+    assert "    Failures: none" in out
     assert run(ip, "%parallel_stepping status other")[0]
-    assert "other: last parallel step: none yet" in capsys.readouterr().out
+    assert "other:\n  Model steps so far: 0\n  Last parallel step:\n    none yet" in (
+        capsys.readouterr().out
+    )
 
 
 @pytest.mark.parametrize(

@@ -51,3 +51,51 @@ def test_notebook_runs_top_to_bottom(path, jupyter_env):
         if output.get("output_type") == "stream" and output.get("name") == "stderr"
     ]
     assert not stderr, f"{path.name} wrote to stderr:\n" + "".join(stderr)
+
+
+def test_the_panel_notebook_ends_live_and_its_kernel_still_exits_cleanly(jupyter_env, tmp_path):
+    """Run All leaves a panel running in the background; shutting the kernel down ends it.
+
+    Shutdown is graceful (exit status 0, not killed after the grace period) and writes
+    no traceback, with a step of the background run in flight.
+    """
+    from jupyter_client import KernelManager
+
+    path = ROOT / "notebooks" / "panel.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    log = tmp_path / "kernel-stderr.txt"
+    manager = KernelManager(kernel_name="python3")
+    with log.open("wb") as stderr:
+        manager.start_kernel(stderr=stderr, cwd=str(path.parent))
+        client = manager.client()
+        client.start_channels()
+        try:
+            client.wait_for_ready(timeout=60)
+            for cell in notebook.cells:
+                if cell.cell_type == "code":
+                    reply = client.execute_interactive(cell.source, timeout=120)
+                    assert reply["content"]["status"] == "ok", reply["content"]
+            # The run goes on after the last cell: steps keep being taken.
+            probe = (
+                "import time\n"
+                "first = model.steps\n"
+                "deadline = time.monotonic() + 60\n"
+                "while model.steps < first + 2 and time.monotonic() < deadline:\n"
+                "    time.sleep(0.05)\n"
+                "print(panel.running, model.steps >= first + 2)"
+            )
+            out: list[str] = []
+            client.execute_interactive(
+                probe,
+                timeout=90,
+                output_hook=lambda m: out.append(m["content"].get("text", "")),
+            )
+            assert "".join(out).split() == ["True", "True"]
+        finally:
+            client.stop_channels()
+        process = manager.provisioner.process
+        manager.shutdown_kernel(now=False)
+    assert process.returncode == 0  # exited by itself, not killed
+    text = log.read_text(errors="replace")
+    assert "Traceback" not in text, text
+    assert "Exception" not in text, text

@@ -232,8 +232,10 @@ def test_report_rerenders_when_the_update_counter_changes():
     assert not rc.find(v.Html, class_="mlp-report-empty").widgets
     assert text_of(rc, "mlp-report-time").endswith("ms (step 1)")
     assert text_of(rc, "mlp-report-agents") == "5/5 done, peak 5 in flight"
-    assert text_of(rc, "mlp-report-config") == "asyncio, pool 64, no cap"
+    assert text_of(rc, "mlp-report-config") == "asyncio, no cap"
+    assert text_of(rc, "mlp-report-pool") == "64 threads, not used (astep ran on the event loop)"
     assert text_of(rc, "mlp-report-failures") == "none"
+    assert text_of(rc, "mlp-report-heading") == "Last parallel step"
     assert text_of(rc, "mlp-report-speedup").endswith("x (agent time / wall time)")
 
     for _ in range(3):
@@ -265,6 +267,8 @@ def test_report_shows_failures_and_sequential_steps():
     model.step()
     redraw()
     assert text_of(rc, "mlp-report-sequential") == "The last 2 steps ran sequentially."
+    # The figures shown are an older step's, and say so.
+    assert text_of(rc, "mlp-report-heading") == "Earlier parallel step (step 1, 2 steps ago)"
 
 
 def test_report_when_parallel_stepping_is_off():
@@ -283,19 +287,6 @@ def test_warning_when_the_flag_is_on_but_the_patch_is_missing():
     switch(rc).v_model = True
     assert mlp.is_automatic_parallel_stepping_enabled()
     assert not rc.find(v.Alert).widgets
-
-
-def test_sparkline_draws_one_dot_per_step_coloured_by_mode_and_failures():
-    point = viz._StepPoint
-    svg = viz._sparkline_svg(
-        [point(1, 0.1, "asyncio", 0), point(2, 0.2, "threading", 0), point(3, 0.05, "asyncio", 2)]
-    )
-    assert svg.startswith("<svg")
-    assert svg.endswith("</svg>")
-    assert svg.count("<title>") == 3
-    assert "step 3: 50 ms, asyncio, 2 failed" in svg
-    assert ">200 ms</text>" in svg  # the top of the scale is the slowest step
-    assert viz._sparkline_svg([]) == ""
 
 
 # -- Reset and SolaraViz -------------------------------------------------------------------
@@ -339,7 +330,8 @@ def test_choices_survive_mesa_reset():
     rc.find(v.Btn, children=["Step"]).widget.click()
     report = mlp.last_step_report(new)
     assert (report.mode, report.pool_size, report.max_concurrency) == ("threading", 6, 3)
-    assert text_of(rc, "mlp-report-config") == "threading, pool 6, cap 3"
+    assert text_of(rc, "mlp-report-config") == "threading, cap 3"
+    assert text_of(rc, "mlp-report-pool") == "6 threads: every agent's step"
 
 
 def test_untouched_choices_leave_each_new_model_alone():

@@ -23,12 +23,13 @@ from support import run_python, steps_of
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _patch, _report, _settings
-from mesa_llm_parallel.widgets import CHART_LENGTH, ParallelSteppingPanel, _format_seconds
+from mesa_llm_parallel._display import format_seconds
+from mesa_llm_parallel.widgets import CHART_LENGTH, THREAD_PRESETS, ParallelSteppingPanel
 
 WAIT = 30  # seconds; only reached when something is broken
 
-PARALLEL_DOT = "fill='#1f77b4'"
-SEQUENTIAL_DOT = "fill='#ff7f0e'"
+PARALLEL_DOT = "class='mlp-mark mlp-asyncio'"
+SEQUENTIAL_DOT = "class='mlp-mark mlp-sequential'"
 
 
 # -- models -----------------------------------------------------------------------------
@@ -99,12 +100,26 @@ def patched():
 
 def figures(panel: ParallelSteppingPanel) -> dict[str, str]:
     """The panel's figures as {label: shown value}."""
-    rows = re.findall(r"<tr><td[^>]*>(.*?)</td><td[^>]*>(.*?)</td></tr>", panel.figures_html.value)
-    return {html.unescape(label): html.unescape(value) for label, value in rows}
+    value = panel.figures_html.value
+    rows = re.findall(r"<tr[^>]*><td[^>]*>(.*?)</td><td[^>]*>(.*?)</td></tr>", value)
+    shown = {html.unescape(label): html.unescape(value) for label, value in rows}
+    headings = re.findall(r"<th[^>]*>(.*?)</th>", value)
+    notes = re.findall(r"<tr class='mlp-row-note'><td[^>]*>(.*?)</td>", value)
+    shown["heading"] = html.unescape(" ".join(headings))
+    shown["note"] = html.unescape(" ".join(notes))
+    return shown
+
+
+def text_of(widget) -> str:
+    return html.unescape(re.sub(r"<[^>]+>", "", widget.value))
 
 
 def status(panel: ParallelSteppingPanel) -> str:
-    return html.unescape(re.sub(r"<[^>]+>", "", panel.status_html.value))
+    return text_of(panel.status_html)
+
+
+def notice(panel: ParallelSteppingPanel) -> str:
+    return text_of(panel.notice_html)
 
 
 def finish(panel: ParallelSteppingPanel) -> None:
@@ -119,29 +134,44 @@ def assert_idle_buttons(panel: ParallelSteppingPanel) -> None:
 
 
 # -- layout -------------------------------------------------------------------------------
-def test_controls_have_plain_labels_and_say_which_are_process_wide(make_panel):
+def test_controls_have_plain_labels_and_visible_explanations(make_panel):
     panel = make_panel(ToyModel(2))
     assert panel.parallel_toggle.description == "Parallel stepping"
-    assert "This model only" in panel.parallel_toggle.tooltip
     assert panel.mode_selector.description == "Mode"
     assert tuple(panel.mode_selector.options) == mlp.MODES
     assert panel.threads_slider.description == "Threads"
-    assert (panel.threads_slider.min, panel.threads_slider.max) == (1, 256)
     assert panel.cap_input.description == "Max in flight (0 = no cap)"
     assert (panel.cap_input.min, panel.cap_input.max) == (0, 100_000)
-    for tip in (
-        panel.threads_slider.tooltip,
-        panel.cap_input.tooltip,
-        *panel.mode_selector.tooltips,
-    ):
-        assert "Process-wide" in tip
     assert [b.description for b in (panel.run_button, panel.pause_button, panel.step_button)] == [
         "Run",
         "Pause",
         "Step",
     ]
+    # What the checkbox and the modes do is written on the panel, not in a tooltip
+    # (ipywidgets 8 shows a checkbox's label as its hover text).
+    shown = " ".join(text_of(child) for child in panel.children if hasattr(child, "value"))
+    assert "model.parallel_stepping for this model only" in shown
+    assert "the thread pool runs only sync agents" in shown
+    assert "All models in this process" in shown
     assert panel.traceback_html.layout.display == "none"
     assert status(panel) == "Ready."
+    assert "mlp-panel" in panel._dom_classes
+    for name in ("parallel", "mode", "threads", "cap", "run", "pause", "figures", "chart"):
+        found = [w for w in panel._widgets() if f"mlp-{name}" in w._dom_classes]
+        assert len(found) == 1, name
+
+
+def test_threads_slider_offers_doubling_presets_and_keeps_a_size_set_elsewhere(make_panel):
+    panel = make_panel(ToyModel(2))
+    assert tuple(panel.threads_slider.options) == THREAD_PRESETS
+    assert THREAD_PRESETS == (1, 2, 4, 8, 16, 32, 64, 128, 256)
+    mlp.settings.max_workers = 12
+    panel.refresh()
+    assert panel.threads_slider.value == 12
+    assert tuple(panel.threads_slider.options) == (1, 2, 4, 8, 12, 16, 32, 64, 128, 256)
+    panel.threads_slider.value = 16
+    assert mlp.settings.max_workers == 16
+    assert tuple(panel.threads_slider.options) == THREAD_PRESETS  # 12 is no longer the setting
 
 
 # -- the parallel stepping switch ----------------------------------------------------------
@@ -193,8 +223,8 @@ def test_toggle_failure_is_shown_reverted_and_changes_nothing(make_panel, monkey
     assert panel.parallel_toggle.value is False
     assert not hasattr(model, "parallel_stepping")
     assert not mlp.is_automatic_parallel_stepping_enabled()
-    assert "RuntimeError" in status(panel)
-    assert "no agent-set class" in status(panel)
+    assert "RuntimeError" in notice(panel)
+    assert "no agent-set class" in notice(panel)
 
 
 # -- process-wide settings ---------------------------------------------------------------------
@@ -203,7 +233,7 @@ def test_mode_selector_sets_the_mode(make_panel):
     assert panel.mode_selector.value == "asyncio"
     panel.mode_selector.value = "threading"
     assert mlp.settings.mode == "threading"
-    assert "every model" in status(panel)
+    assert "every model" in notice(panel)
     panel.mode_selector.value = "asyncio"
     assert mlp.settings.mode == "asyncio"
     with pytest.raises(traitlets.TraitError):
@@ -215,13 +245,14 @@ def test_threads_slider_sets_the_pool_size_used_by_the_next_step(make_panel, pat
     model = ToyModel(6, SyncAgent)
     panel = make_panel(model)
     assert panel.threads_slider.value == mlp.settings.max_workers
-    panel.threads_slider.value = 7
-    assert mlp.settings.max_workers == 7
+    panel.threads_slider.value = 8
+    assert mlp.settings.max_workers == 8
     panel.step_button.click()
     finish(panel)
-    assert mlp.last_step_report(model).pool_size == 7
-    panel.threads_slider.value = 1000  # clamped by the slider
-    assert mlp.settings.max_workers == 256
+    assert mlp.last_step_report(model).pool_size == 8
+    with pytest.raises(traitlets.TraitError):
+        panel.threads_slider.value = 1000  # not one of the slider's sizes
+    assert mlp.settings.max_workers == 8
 
 
 def test_cap_sets_max_concurrency_and_zero_removes_it(make_panel, patched):
@@ -239,7 +270,7 @@ def test_cap_sets_max_concurrency_and_zero_removes_it(make_panel, patched):
 
     panel.cap_input.value = 0
     assert mlp.settings.max_concurrency is None
-    assert "no cap" in status(panel)
+    assert "no cap" in notice(panel)
     panel.step()
     finish(panel)
     assert mlp.last_step_report(model).max_concurrency is None
@@ -252,14 +283,14 @@ def test_a_rejected_value_is_shown_and_reverted_and_nothing_else_changes(make_pa
     monkeypatch.setitem(_settings._VALIDATORS, "max_workers", refuse)
     panel = make_panel(ToyModel(2))
     before = mlp.settings.snapshot()
-    panel.threads_slider.value = 9
+    panel.threads_slider.value = 8
     assert panel.threads_slider.value == before.max_workers
     assert mlp.settings.snapshot() == before
-    text = status(panel)
+    text = notice(panel)
     assert "Threads not changed" in text
     assert "ValueError" in text
-    assert "max_workers 9 refused by this test" in text
-    assert "color:#c62828" in panel.status_html.value
+    assert "max_workers 8 refused by this test" in text
+    assert "color:#c62828" in panel.notice_html.value
     assert panel.mode_selector.value == before.mode
     assert panel.cap_input.value == 0
 
@@ -290,6 +321,7 @@ def test_settings_changed_elsewhere_show_after_the_next_step(make_panel, patched
     model = ToyModel(3)
     panel = make_panel(model)
     mlp.settings.update(mode="threading", max_workers=5, max_concurrency=2)
+    assert 5 not in panel.threads_slider.options
     model.parallel_stepping = False
     assert panel.mode_selector.value == "asyncio"  # not yet: nothing has happened
     panel.step()
@@ -301,7 +333,7 @@ def test_settings_changed_elsewhere_show_after_the_next_step(make_panel, patched
 
     # A parallel step run elsewhere (a notebook cell) refreshes the panel too.
     model.parallel_stepping = True
-    mlp.settings.max_workers = 300  # beyond the slider's range: the range widens
+    mlp.settings.max_workers = 300  # beyond the slider's sizes: the slider shows it
     model.step()
     assert panel.parallel_toggle.value is True
     assert panel.threads_slider.value == 300
@@ -310,11 +342,11 @@ def test_settings_changed_elsewhere_show_after_the_next_step(make_panel, patched
 def test_a_change_in_one_panel_shows_at_once_in_the_others(make_panel):
     first = make_panel(ToyModel(2))
     second = make_panel(ToyModel(2))
-    first.threads_slider.value = 12
+    first.threads_slider.value = 16
     first.mode_selector.value = "threading"
-    assert second.threads_slider.value == 12
+    assert second.threads_slider.value == 16
     assert second.mode_selector.value == "threading"
-    assert "Threads" not in status(second)  # the other panel only shows the value
+    assert "Threads" not in notice(second)  # the other panel only shows the value
 
 
 # -- running ------------------------------------------------------------------------------
@@ -434,20 +466,55 @@ def test_the_runner_thread_is_one_and_the_same_across_runs(make_panel, patched):
 def test_figures_show_the_last_step_report(make_panel, patched):
     model = ToyModel(8, SyncAgent, delay=0.001)
     panel = make_panel(model)
-    assert figures(panel)["Last parallel step"] == "none yet"
+    shown = figures(panel)
+    assert shown["heading"] == "Last parallel step"
+    assert shown["note"] == "none yet"
     panel.run(2)
     finish(panel)
     report = mlp.last_step_report(model)
     shown = figures(panel)
-    assert shown["Last parallel step"] == _format_seconds(report.wall_time)
-    assert shown["Last step"] == f"{_format_seconds(report.wall_time)} (parallel)"
-    assert shown["Speedup"] == f"{report.speedup:.1f}x"
-    assert shown["Peak agents in flight"] == str(report.peak_in_flight)
-    assert shown["Completed"] == f"{report.completed} of {report.agents}" == "8 of 8"
-    assert shown["Failed"] == "0"
-    assert shown["Timed out"] == "0"
-    assert shown["Ran with"] == f"asyncio, {report.pool_size} threads"
+    assert shown["heading"] == "Last parallel step"
+    assert shown["Wall time"] == f"{format_seconds(report.wall_time)} (step 2)"
+    assert shown["Last step"] == f"step 2: {format_seconds(report.wall_time)}, asyncio"
+    assert shown["Speedup"] == f"{report.speedup:.1f}x (agent time / wall time)"
+    assert shown["Agents"] == f"8/8 done, peak {report.peak_in_flight} in flight"
+    assert shown["Failures"] == "none"
+    assert shown["Mode"] == "asyncio, no cap"
+    # What the pool was used for: these sync agents (not inline yet) ran in it.
+    assert shown["Thread pool"] == f"{report.pool_size} threads: 8 sync agents"
     assert shown["Model steps so far"] == "2"
+
+
+def test_the_pool_is_said_unused_when_every_agent_awaited_on_the_loop(make_panel, patched):
+    model = ToyModel(4, AsyncAgent)
+    panel = make_panel(model)
+    panel.step()
+    finish(panel)
+    pool = mlp.last_step_report(model).pool_size
+    unused = f"{pool} threads, not used (astep ran on the event loop)"
+    assert figures(panel)["Thread pool"] == unused
+    mlp.settings.mode = "threading"
+    panel.step()
+    finish(panel)
+    assert figures(panel)["Thread pool"] == f"{pool} threads: every agent's step"
+
+
+def test_an_older_parallel_step_is_headed_as_such_after_sequential_steps(make_panel, patched):
+    model = ToyModel(3)
+    panel = make_panel(model)
+    panel.run(2)
+    finish(panel)
+    assert figures(panel)["heading"] == "Last parallel step"
+    assert "color:#666" not in panel.figures_html.value.split("mlp-row-time")[1].split("</tr>")[0]
+    panel.parallel_toggle.value = False
+    panel.run(3)
+    finish(panel)
+    shown = figures(panel)
+    assert shown["heading"] == "Earlier parallel step (step 2, 3 steps ago)"
+    assert shown["Last step"].startswith("step 5: ")
+    assert shown["Last step"].endswith(", sequential")
+    # The old figures are greyed.
+    assert "color:#666" in panel.figures_html.value.split("mlp-row-time")[1].split("</tr>")[0]
 
 
 def test_timeouts_are_counted(make_panel, patched):
@@ -463,18 +530,18 @@ def test_timeouts_are_counted(make_panel, patched):
     assert panel.last_error is None  # collected, not raised
     report = mlp.last_step_report(model)
     assert len(report.timed_out) == 3
-    assert figures(panel)["Timed out"] == "3"
-    assert figures(panel)["Failed"] == "3"
+    assert figures(panel)["Failures"].startswith("3, 3 timed out; first: TimeoutError")
 
 
 def test_sparkline_grows_marks_sequential_steps_and_keeps_the_last_50(make_panel, patched):
     model = ToyModel(3)
     panel = make_panel(model)
-    assert "<svg" not in panel.chart_html.value
+    assert "no steps yet" in panel.chart_html.value
+    assert "<circle" not in panel.chart_html.value
     panel.run(3)
     finish(panel)
     chart = panel.chart_html.value
-    assert chart.count("<circle") == 3
+    assert chart.count("mlp-mark") == 3
     assert chart.count(PARALLEL_DOT) == 3
     assert [t.parallel for t in panel.step_times] == [True] * 3
     assert [t.seconds for t in panel.step_times][-1] == mlp.last_step_report(model).wall_time
@@ -483,16 +550,17 @@ def test_sparkline_grows_marks_sequential_steps_and_keeps_the_last_50(make_panel
     panel.run(2)
     finish(panel)
     chart = panel.chart_html.value
-    assert chart.count("<circle") == 5
+    assert chart.count("mlp-mark") == 5
     assert chart.count(SEQUENTIAL_DOT) == 2
+    assert ">sequential</text>" in chart  # in the legend
     assert [t.parallel for t in panel.step_times] == [True] * 3 + [False] * 2
-    assert figures(panel)["Last step"].endswith("(sequential)")
+    assert figures(panel)["Last step"].endswith("sequential")
     assert figures(panel)["Model steps so far"] == "5"
 
     panel.run(CHART_LENGTH)
     finish(panel)
     assert len(panel.step_times) == CHART_LENGTH
-    assert panel.chart_html.value.count("<circle") == CHART_LENGTH
+    assert panel.chart_html.value.count("mlp-mark") == CHART_LENGTH
 
 
 def test_parallel_steps_of_other_models_are_ignored(make_panel, patched):
@@ -520,7 +588,8 @@ def test_a_failing_parallel_step_stops_the_run_and_is_shown(make_panel, patched)
     assert panel.traceback_html.layout.display is None
     assert "Traceback" in panel.traceback_html.value
     assert "agent exploded" in panel.traceback_html.value
-    assert figures(panel)["Failed"] == str(len(mlp.last_step_report(model).failures))
+    failed = len(mlp.last_step_report(model).failures)
+    assert figures(panel)["Failures"].startswith(f"{failed}; first: ValueError: agent exploded")
     assert_idle_buttons(panel)
 
     model.agents.do("remove")  # fixed: the next run starts clean
@@ -560,8 +629,8 @@ def test_two_panels_run_two_models_at_once(make_panel, patched):
     assert (steps_of(small), steps_of(large)) == (2, 3)
     assert len(first.step_times) == 2
     assert len(second.step_times) == 3
-    assert figures(first)["Completed"] == "3 of 3"
-    assert figures(second)["Completed"] == "5 of 5"
+    assert figures(first)["Agents"].startswith("3/3 done")
+    assert figures(second)["Agents"].startswith("5/5 done")
 
 
 # -- closing ------------------------------------------------------------------------------

@@ -140,9 +140,19 @@ def test_panel_drives_the_live_model_and_survives_reset(
     wait_until(lambda: steps_of(model) >= 3, "three played steps")
     pause(page, model, step_log)
     report = panel.locator(".mlp-step-report")
-    expect(report.locator(".mlp-report-config")).to_have_text("threading, pool 8, cap 25")
+    expect(report.locator(".mlp-report-heading")).to_have_text("Last parallel step")
+    expect(report.locator(".mlp-report-config")).to_have_text("threading, cap 25")
+    # What the pool was used for, not just its size.
+    expect(report.locator(".mlp-report-pool")).to_have_text("8 threads: every agent's step")
     expect(report.locator(".mlp-report-failures")).to_have_text("none")
-    expect(report.locator(".mlp-chart svg circle").first).to_be_visible()
+    chart = report.locator(".mlp-chart svg")
+    expect(chart.locator("circle.mlp-mark").first).to_be_visible()
+    # The chart has labelled axes (log time, step numbers) and a fixed size.
+    expect(chart.locator("text", has_text="time (log)")).to_have_count(1)
+    expect(chart.locator("text", has_text="step")).not_to_have_count(0)
+    box = chart.bounding_box()
+    assert box is not None
+    assert round(box["width"]) == 360
     assert mlp.last_step_report(model).mode == "threading"
     assert mlp.last_step_report(model).pool_size == 8
     # Play ran its steps on a worker thread without an event loop.
@@ -155,7 +165,7 @@ def test_panel_drives_the_live_model_and_survives_reset(
     page.get_by_role("button", name="Step", exact=True).click()
     wait_until(lambda: len(step_log.steps) == steps + 1, "one more step")
     assert steps_of(model) == steps + 1
-    expect(report.locator(".mlp-report-config")).to_have_text("asyncio, pool 8, cap 25")
+    expect(report.locator(".mlp-report-config")).to_have_text("asyncio, cap 25")
     expect(report.locator(".mlp-report-time")).to_contain_text(f"(step {steps + 1})")
     assert step_log.steps[-1] == ("asyncio", True)  # inside the server's running loop
 
@@ -163,6 +173,19 @@ def test_panel_drives_the_live_model_and_survives_reset(
     if os.environ.get(UPDATE_SCREENSHOT) == "1" or not SCREENSHOT.exists():
         SCREENSHOT.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(tmp_path / "dashboard.png", SCREENSHOT)
+
+    # A sequential step after it: the figures shown are now an older step's, and say so.
+    switch.click()
+    wait_until(lambda: model.parallel_stepping is False, "parallel_stepping off")
+    page.get_by_role("button", name="Step", exact=True).click()
+    expect(report.locator(".mlp-report-heading")).to_have_text(
+        f"Earlier parallel step (step {steps + 1}, 1 step ago)"
+    )
+    expect(report.locator(".mlp-report-sequential")).to_have_text(
+        "The last 1 step ran sequentially."
+    )
+    switch.click()
+    wait_until(lambda: model.parallel_stepping is True, "parallel_stepping on")
 
     # Reset builds a new model whose __init__ turns parallel stepping on and sets the
     # mode to asyncio: the panel's choices (flag off, threading, pool 8) win.
@@ -183,7 +206,8 @@ def test_panel_drives_the_live_model_and_survives_reset(
     switch.click()
     wait_until(lambda: fresh.parallel_stepping is True, "parallel_stepping on (new model)")
     page.get_by_role("button", name="Step", exact=True).click()
-    expect(report.locator(".mlp-report-config")).to_have_text("threading, pool 8, cap 25")
+    expect(report.locator(".mlp-report-config")).to_have_text("threading, cap 25")
+    expect(report.locator(".mlp-report-pool")).to_have_text("8 threads: every agent's step")
 
 
 def test_sidebar_card_sits_below_solaraviz_cards(
