@@ -149,12 +149,15 @@ def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -
         toggle.click()
         kernel.wait_for("model.parallel_stepping", expected=True)
 
-    # The mode, the pool size and the cap are the process-wide settings.
-    mode = "asyncio" if kernel.value("_t_mlp.settings.mode") == "threading" else "threading"
-    mode_button = panel.locator(".mlp-mode button", has_text=re.compile(f"^{mode}$"))
-    mode_button.click()
-    expect(mode_button).to_have_class(re.compile(r"\bmod-active\b"))
-    kernel.wait_for("_t_mlp.settings.mode", expected=mode)
+    # The mode, the pool size and the cap are the process-wide settings. The mode ends
+    # on threading, where every agent's step runs in the pool whose size is set next.
+    mode = "threading"
+    modes = [mode] if kernel.value("_t_mlp.settings.mode") == "asyncio" else ["asyncio", mode]
+    for name in modes:
+        button = panel.locator(".mlp-mode button", has_text=re.compile(f"^{name}$"))
+        button.click()
+        expect(button).to_have_class(re.compile(r"\bmod-active\b"))
+        kernel.wait_for("_t_mlp.settings.mode", expected=name)
 
     threads = panel.locator(".mlp-threads")
     pool = move_pool_size(threads, kernel.value("_t_mlp.settings.max_workers"))
@@ -183,9 +186,12 @@ def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -
         "(lambda r: [r.mode, r.pool_size, r.max_concurrency])(_t_mlp.last_step_report(model))"
     )
     assert report == [mode, pool, 40]
+    # The figures' rows carry their keys as classes (mesa_llm_parallel._display.Row).
     figures = panel.locator(".mlp-figures")
-    ran_with = figures.locator("tr").filter(has_text=mode)
-    expect(ran_with.filter(has_text=re.compile(rf"\b{pool}\b"))).to_have_count(1)
+    config = figures.locator("tr.mlp-row-config td").last
+    expect(config).to_contain_text(re.compile(rf"^{mode}\b.*\b40\b"))
+    pool_use = figures.locator("tr.mlp-row-pool td").last
+    expect(pool_use).to_contain_text(re.compile(rf"^{pool} threads: every agent's step"))
     expect(panel.locator(".mlp-chart svg circle").first).to_be_attached()
 
     pause(panel, kernel)
