@@ -3,14 +3,14 @@
 A ``jupyter lab`` server (a subprocess: see ``jupyter_lab.py``) serves a copy of the
 repository's ``notebooks/``. The page opens ``panel.ipynb`` and runs every cell, which
 leaves a panel on screen with a long background run in progress. The test then uses the
-panel as a person would (the toggle, the mode, the thread-pool slider, the cap, Run and
-Pause) and checks each change in the notebook's own kernel, through a second client of
+panel as a person would (the toggle, the mode, the thread-pool slider, the cap, Pause, Run
+and Step) and checks each change in the notebook's own kernel, through a second client of
 that kernel, and in the panel's figures.
 
 The panel's parts are found by their CSS classes (``mlp-panel``, ``mlp-parallel``,
 ``mlp-mode``, ``mlp-threads``, ``mlp-cap``, ``mlp-steps``, ``mlp-run``, ``mlp-pause``,
-``mlp-figures``, ``mlp-chart``, ``mlp-status``). Screenshots of the page after Run All
-and at the end (and at a failure) are saved in the test's output folder
+``mlp-step``, ``mlp-figures``, ``mlp-chart``, ``mlp-status``). Screenshots of the page
+after Run All and at the end (and at a failure) are saved in the test's output folder
 (``test-results/...``), whose path the test prints.
 """
 
@@ -192,9 +192,18 @@ def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -
     expect(config).to_contain_text(re.compile(rf"^{mode}\b.*\b40\b"))
     pool_use = figures.locator("tr.mlp-row-pool td").last
     expect(pool_use).to_contain_text(re.compile(rf"^{pool} threads: every agent's step"))
+    expect(figures.locator("tr.mlp-row-failures td").last).to_have_text("none")
     expect(panel.locator(".mlp-chart svg circle").first).to_be_attached()
 
     pause(panel, kernel)
+
+    # Step runs exactly one more step, then the panel is idle again.
+    steps_before = kernel.value("model.steps")
+    panel.locator(".mlp-step").click()
+    kernel.wait_for("model.steps", expected=steps_before + 1, timeout=STEP_TIMEOUT)
+    kernel.wait_for("panel.running", expected=False, timeout=STEP_TIMEOUT)
+    expect(panel.locator(".mlp-run")).to_be_enabled()
+    assert kernel.value("model.steps") == steps_before + 1
     page.screenshot(path=shots / "end.png")
     panel.screenshot(path=shots / "panel.png")
     kernel.run("del _t_before, _t_mlp")
