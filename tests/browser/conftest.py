@@ -1,4 +1,5 @@
-"""Browser tests: a real Chromium (Debian's package) drives the Solara dashboard.
+"""Browser tests: a real Chromium (Debian's package) drives the Solara dashboard and the
+notebook panel in JupyterLab.
 
 They need pytest-ipywidgets' plugin (entry point ``solara``) and pytest-playwright's
 (``playwright``). The main test run disables both, because the ``solara`` plugin breaks
