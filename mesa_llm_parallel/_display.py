@@ -146,7 +146,7 @@ def format_seconds(seconds: float) -> str:
 
 
 def _tick_label(seconds: float) -> str:
-    """A decade of the time axis: ``1 ms``, ``10 ms``, ``1 s``, ``10 s``, ``10 us``."""
+    """A tick of the time axis: ``10 µs``, ``1 ms``, ``200 ms``, ``1 s``, ``10 s``."""
     if seconds < 1e-3:
         return f"{seconds * 1e6:.0f} µs"
     if seconds < 1.0:
@@ -375,8 +375,7 @@ def chart_svg(
     Args:
         points: The steps to draw, oldest first (at most ``capacity`` are drawn: the
             newest).
-        capacity: How many steps the chart has room for; the points keep their spacing
-            as the history fills, so the chart does not rescale sideways.
+        capacity: How many steps the chart shows at most (the newest).
         width: Width in CSS pixels (fixed: the chart never resizes with its content).
         height: Height in CSS pixels, legend included.
 
@@ -385,7 +384,7 @@ def chart_svg(
         "no steps yet".
     """
     points = list(points)[-capacity:]
-    left, right, top, legend_h, axis_h = 50, 10, 8, 18, 30
+    left, right, top, legend_h, axis_h = 60, 10, 8, 18, 30
     bottom = height - legend_h - axis_h
     plot_w = width - left - right
     parts = [
@@ -396,8 +395,8 @@ def chart_svg(
         "fill='#fafafa' stroke='#ccc'/>",
         f"<text x='{left + plot_w / 2:.1f}' y='{bottom + axis_h - 4}' font-size='11' "
         f"fill='{_MUTED}' text-anchor='middle'>step</text>",
-        f"<text x='11' y='{(top + bottom) / 2:.1f}' font-size='11' fill='{_MUTED}' "
-        f"text-anchor='middle' transform='rotate(-90 11 {(top + bottom) / 2:.1f})'>"
+        f"<text x='10' y='{(top + bottom) / 2:.1f}' font-size='11' fill='{_MUTED}' "
+        f"text-anchor='middle' transform='rotate(-90 10 {(top + bottom) / 2:.1f})'>"
         "time (log)</text>",
     ]
     if not points:
@@ -421,17 +420,26 @@ def chart_svg(
 
     decades = round(span)
     every = 1 if decades <= 4 else 2
-    for k in range(0, decades + 1, every):
-        value = low * 10**k
+    # Decades, labelled; within a single decade also 2x and 5x, so the axis reads finely.
+    ticks = [(low * 10**k, True) for k in range(0, decades + 1, every)]
+    if decades == 1:
+        ticks += [(low * 2, True), (low * 5, True)]
+    for value, labelled in ticks:
         y = y_of(value)
         parts.append(
             f"<line x1='{left}' y1='{y:.1f}' x2='{left + plot_w}' y2='{y:.1f}' stroke='#e4e4e4'/>"
-            f"<text x='{left - 4}' y='{y + 4:.1f}' font-size='10' fill='{_MUTED}' "
-            f"text-anchor='end'>{_tick_label(value)}</text>"
         )
+        if labelled:
+            parts.append(
+                f"<text x='{left - 4}' y='{y + 4:.1f}' font-size='10' fill='{_MUTED}' "
+                f"text-anchor='end'>{_tick_label(value)}</text>"
+            )
 
-    dx = plot_w / max(capacity - 1, 1)
-    x0 = left + (capacity - len(points)) * dx  # the newest point is always at the right
+    # The points spread over the whole width, the oldest at the left edge and the newest
+    # at the right edge (a single point sits at the right).
+    inset = 6
+    dx = (plot_w - 2 * inset) / max(len(points) - 1, 1)
+    x0 = left + inset if len(points) > 1 else left + plot_w - inset
 
     def x_of(i: int) -> float:
         return x0 + i * dx

@@ -45,7 +45,6 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 
 from mesa_llm_parallel._display import (
     CHART_HEIGHT,
-    CHART_WIDTH,
     COLOURS,
     StepTime,
     chart_svg,
@@ -76,6 +75,8 @@ __all__ = [
 HISTORY_LENGTH: Final = 60
 
 _FAILURE_COLOUR: Final = COLOURS["failed"]
+#: The chart's width in the card, in CSS pixels: a Mesa card's content is about 320 px wide.
+_CHART_WIDTH: Final = 310
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -401,7 +402,7 @@ def _ReportView(  # noqa: N802
             )
             solara.HTML(
                 tag="div",
-                unsafe_innerHTML=chart_svg(history, capacity=HISTORY_LENGTH),
+                unsafe_innerHTML=chart_svg(history, capacity=HISTORY_LENGTH, width=_CHART_WIDTH),
                 classes=["mlp-chart"],
-                style={"width": f"{CHART_WIDTH}px", "height": f"{CHART_HEIGHT}px"},
+                style={"width": f"{_CHART_WIDTH}px", "height": f"{CHART_HEIGHT}px"},
             )

@@ -152,7 +152,7 @@ def test_panel_drives_the_live_model_and_survives_reset(
     expect(chart.locator("text", has_text="step")).not_to_have_count(0)
     box = chart.bounding_box()
     assert box is not None
-    assert round(box["width"]) == 360
+    assert round(box["width"]) == 310
     assert mlp.last_step_report(model).mode == "threading"
     assert mlp.last_step_report(model).pool_size == 8
     # Play ran its steps on a worker thread without an event loop.
