@@ -118,7 +118,7 @@ def sweep(config: Config) -> list[Row]:
             started = time.perf_counter()
             with (
                 distributed.LocalCluster(
-                    n_workers=2, threads_per_worker=8, processes=True, dashboard_address=None
+                    n_workers=2, threads_per_worker=8, processes=True, dashboard_address=":0"
                 ) as cluster,
                 distributed.Client(cluster) as client,
             ):

@@ -27,7 +27,7 @@ def dask_executor():
     """A Dask cluster of 2 worker processes on this machine (4 threads each)."""
     with (
         distributed.LocalCluster(
-            n_workers=2, threads_per_worker=4, processes=True, dashboard_address=None
+            n_workers=2, threads_per_worker=4, processes=True, dashboard_address=":0"
         ) as cluster,
         distributed.Client(cluster) as client,
     ):
@@ -217,7 +217,7 @@ def test_a_class_defined_in_main_works_on_dask_and_is_refused_by_a_spawn_pool():
                 self.datacollector.collect(self)
 
         with distributed.LocalCluster(n_workers=1, threads_per_worker=2, processes=True,
-                                      dashboard_address=None) as cluster, \\
+                                      dashboard_address=":0") as cluster, \\
                 distributed.Client(cluster) as client:
             rows = mlp.batch_run(Notebook, {"k": [1, 5]}, max_steps=2, display_progress=False,
                                  executor=client.get_executor())
