@@ -224,7 +224,10 @@ class ParallelSteppingPanel(widgets.VBox):
     def _build(self) -> None:
         wide = {"description_width": "initial"}
         self.parallel_toggle = widgets.Checkbox(
-            value=False, description="Parallel stepping", indent=False
+            value=False,
+            description="Parallel stepping",
+            indent=False,
+            layout=widgets.Layout(width="auto", margin="0 12px 0 0"),
         )
         self._state_html = widgets.HTML()
         explain = "<span style='color:#666;font-size:90%'>{}</span>".format
