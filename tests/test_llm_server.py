@@ -34,6 +34,17 @@ def _post(conn: http.client.HTTPConnection, payload, path: str = CHAT, headers=N
     return response, json.loads(response.read())
 
 
+def _tool(name: str, parameters: dict | None = None) -> dict:
+    function = {"name": name, "description": f"{name} something"}
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+def _named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
+
+
 @pytest.fixture
 def server():
     with LoopbackLLMServer() as running:
@@ -110,7 +121,17 @@ def test_models_endpoint_lists_the_model():
         ({"messages": [{"role": "user", "content": "x"}]}, "'model'"),
         ({"model": "m", "messages": []}, "'messages'"),
         ({"model": "m", "messages": ["hi"]}, "'role'"),
-        (_body(stream=True), "streaming"),
+        (_body(stream="yes"), "'stream' must be true or false, got 'yes'"),
+        (_body(tools={"f": 1}), "'tools' must be an array"),
+        (_body(tools=[{"type": "function"}]), "every tool must be"),
+        (_body(tool_choice="always"), "'tool_choice' must be one of 'none', 'auto'"),
+        (
+            _body(tools=[_tool("vote")], tool_choice=_named("abstain")),
+            "names the function 'abstain', which is not among the tools ['vote']",
+        ),
+        (_body(response_format={"type": "yaml"}), "'type' is one of 'text', 'json_object'"),
+        (_body(response_format={"type": "json_schema"}), "needs 'json_schema'"),
+        (_body(seed=1.5), "'seed' must be an integer, got 1.5"),
     ],
 )
 def test_invalid_requests_get_openai_error_bodies(server, conn, payload, fragment):
