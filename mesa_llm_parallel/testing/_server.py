@@ -62,11 +62,11 @@ import random
 import re
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from types import TracebackType
 from typing import Any, Final, Self
 
-from mesa_llm_parallel.testing import _http as http
+from mesa_llm_parallel.testing import _web as web
 from mesa_llm_parallel.testing._replies import (
     ChatReply,
     ChatRequest,
@@ -347,6 +347,8 @@ class LoopbackLLMServer:
     Use it as a context manager, or call :meth:`start` and :meth:`stop`.
 
     Raises:
+        ImportError: aiohttp, which serves the HTTP, is not installed (``pip install
+            "mesa_llm_parallel[testing]"``).
         TypeError: An argument of the wrong type.
         ValueError: An argument out of range.
     """
@@ -382,6 +384,7 @@ class LoopbackLLMServer:
                 "give reply (the text of the default answers) or respond (whole answers), not both"
             )
         self._respond_hook = respond
+        web.import_web()  # ImportError naming the extra, before any thread starts
         if isinstance(port, bool) or not isinstance(port, int):
             raise TypeError(f"port must be an int, got {port!r}")
         if not 0 <= port <= 65535:
@@ -401,8 +404,6 @@ class LoopbackLLMServer:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._port: int | None = None
         self._stopped = False
-        self._closing = False
-        self._connections: set[asyncio.Task[None]] = set()
         self._slots: asyncio.Semaphore | None = None
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -534,109 +535,35 @@ class LoopbackLLMServer:
         try:
             loop.run_forever()
         finally:
-            loop.run_until_complete(self._close(server))
+            loop.run_until_complete(server())
             loop.run_until_complete(loop.shutdown_asyncgens())
             loop.close()
 
-    async def _open(self) -> asyncio.Server:
+    async def _open(self) -> Callable[[], Awaitable[None]]:
         if self._max_concurrent is not None:
             self._slots = asyncio.Semaphore(self._max_concurrent)
-        server = await asyncio.start_server(
-            self._serve_connection,
-            _HOST,
-            self._requested_port,
-            backlog=4096,
-            limit=http.MAX_HEAD,
-            reuse_address=True,
-        )
-        self._port = server.sockets[0].getsockname()[1]
-        return server
-
-    async def _close(self, server: asyncio.Server) -> None:
-        self._closing = True
-        server.close()
-        tasks = list(self._connections)
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(server.wait_closed(), 5.0)
-
-    async def _serve_connection(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
-        task = asyncio.current_task()
-        if task is not None:  # always, since asyncio runs this callback as a task
-            self._connections.add(task)
         counters = self._counters
-        counters.add("connections")
-        counters.enter("open_connections", "peak_connections")
-        try:
-            while not self._closing:
-                request = await self._read_request(reader, writer)
-                if request is None:
-                    return
-                status, payload, headers = await self._answer(request)
-                keep_alive = request.keep_alive()
-                await http.write(writer, status, payload, headers, request.version, keep_alive)
-                if not keep_alive:
-                    return
-        except http.HTTPError as exc:
-            with contextlib.suppress(ConnectionError):
-                body = http.error_body(exc.message, "invalid_request_error")
-                await http.write(writer, exc.status, body, {}, "HTTP/1.1", keep_alive=False)
-        except (ConnectionError, asyncio.IncompleteReadError, TimeoutError):
-            pass  # the client went away, or sent a body too slowly
-        except asyncio.CancelledError:
-            # Only stop() cancels connections. Ending normally matters: on Python 3.12.1,
-            # asyncio's own done-callback for this task raises on a cancelled task.
-            if not self._closing:
-                raise
-        finally:
-            counters.add("open_connections", -1)
-            if task is not None:
-                self._connections.discard(task)
-            writer.close()
-            with contextlib.suppress(Exception, asyncio.CancelledError):
-                await writer.wait_closed()
 
-    async def _read_request(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> http.Request | None:
-        """The next request on the connection, or None when the client is done."""
-        try:
-            async with asyncio.timeout(self._idle_timeout):
-                head = await reader.readuntil(b"\r\n\r\n")
-                while head.startswith(b"\r\n"):  # stray CRLFs before a request are allowed
-                    head = head[2:]
-                    if not head.endswith(b"\r\n\r\n"):
-                        head += await reader.readuntil(b"\r\n\r\n")
-        except asyncio.LimitOverrunError:
-            raise http.HTTPError(431, f"request head larger than {http.MAX_HEAD} bytes") from None
-        except (asyncio.IncompleteReadError, TimeoutError, ConnectionError):
-            return None
-        request = http.parse_head(head[:-4])
-        headers = request.headers
-        async with asyncio.timeout(http.BODY_TIMEOUT):
-            if "transfer-encoding" in headers:
-                if "content-length" in headers:
-                    raise http.HTTPError(400, "both Transfer-Encoding and Content-Length")
-                if headers["transfer-encoding"].strip().lower() != "chunked":
-                    raise http.HTTPError(501, "only the chunked transfer coding is supported")
-                await http.write_continue(writer, request)
-                request.body = await http.read_chunked(reader)
-            elif "content-length" in headers:
-                length = http.content_length(headers["content-length"])
-                if length:
-                    await http.write_continue(writer, request)
-                    request.body = await reader.readexactly(length)
-        return request
+        def opened() -> None:
+            counters.add("connections")
+            counters.enter("open_connections", "peak_connections")
 
-    async def _answer(self, request: http.Request) -> _Answer:
-        path, method = request.path.rstrip("/"), request.method
+        close = await web.start(
+            self._answer,
+            host=_HOST,
+            port=self._requested_port,
+            idle_timeout=self._idle_timeout,
+            on_open=opened,
+            on_close=lambda: counters.add("open_connections", -1),
+        )
+        self._port = close.port  # type: ignore[attr-defined]
+        return close
+
+    async def _answer(self, method: str, target: str, body: bytes) -> _Answer:
+        path = target.rstrip("/")
         if path == "/v1/chat/completions":
             if method == "POST":
-                return await self._chat_completion(request.body)
+                return await self._chat_completion(body)
             allowed = "POST"
         elif path == "/v1/models":
             if method == "GET":
@@ -645,11 +572,11 @@ class LoopbackLLMServer:
             allowed = "GET"
         else:
             self._counters.add("other_requests")
-            message = f"unknown path {request.path!r}; this server has /v1/chat/completions"
-            return 404, http.error_body(message, "invalid_request_error", "unknown_url"), {}
+            message = f"unknown path {target!r}; this server has /v1/chat/completions"
+            return 404, web.error_body(message, "invalid_request_error", "unknown_url"), {}
         self._counters.add("other_requests")
-        message = f"{method} is not allowed on {request.path}; use {allowed}"
-        return 405, http.error_body(message, "invalid_request_error"), {"allow": allowed}
+        message = f"{method} is not allowed on {target}; use {allowed}"
+        return 405, web.error_body(message, "invalid_request_error"), {"allow": allowed}
 
     def _models(self) -> dict[str, Any]:
         entry = {"id": self.model, "object": "model", "created": 0, "owned_by": "mesa-llm-parallel"}
@@ -693,12 +620,12 @@ class LoopbackLLMServer:
                 "retry-after-ms": str(max(1, math.ceil(wait * 1000))),
                 **self._quota_headers(),
             }
-            return 429, http.error_body(message, "requests", "rate_limit_exceeded"), headers
+            return 429, web.error_body(message, "requests", "rate_limit_exceeded"), headers
         try:
             request = _read_chat_request(body)
         except ValueError as exc:
             counters.add("errors")
-            return 400, http.error_body(str(exc), "invalid_request_error"), self._quota_headers()
+            return 400, web.error_body(str(exc), "invalid_request_error"), self._quota_headers()
         slots = self._slots
         if slots is None or not slots.locked():
             if slots is not None:
@@ -719,7 +646,7 @@ class LoopbackLLMServer:
             reply = self._respond(request)
         except Exception as exc:  # a faulty latency or reply hook
             counters.add("errors")
-            return 500, http.error_body(str(exc), "server_error"), {}
+            return 500, web.error_body(str(exc), "server_error"), {}
         finally:
             counters.add("in_flight", -1)
             if slots is not None:
