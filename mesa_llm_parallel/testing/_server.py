@@ -38,9 +38,10 @@ Three limits model a real provider:
   (which the ``openai`` clients prefer) and an OpenAI-style error body. Refused
   requests do not count against the quota.
 
-HTTP: a short, strict HTTP/1.1 layer on ``asyncio`` streams (the package's
-``_http`` module), so the server needs no dependency. It is a test server bound to the
-loopback interface: no TLS, no authentication (any API key is accepted).
+HTTP: aiohttp's low-level web server parses the requests (keep-alive, pipelining,
+chunked bodies) and refuses malformed ones with ``400``; bodies over 16 MiB get ``413``.
+It needs ``pip install "mesa_llm_parallel[testing]"``. It is a test server bound to
+the loopback interface: no TLS, no authentication (any API key is accepted).
 
 Threads: the server's counters are kept under a lock, so :meth:`LoopbackLLMServer.stats`
 and :meth:`~LoopbackLLMServer.reset_stats` may be called from any thread while
@@ -548,7 +549,7 @@ class LoopbackLLMServer:
             counters.add("connections")
             counters.enter("open_connections", "peak_connections")
 
-        close = await web.start(
+        self._port, close = await web.start(
             self._answer,
             host=_HOST,
             port=self._requested_port,
@@ -556,7 +557,6 @@ class LoopbackLLMServer:
             on_open=opened,
             on_close=lambda: counters.add("open_connections", -1),
         )
-        self._port = close.port  # type: ignore[attr-defined]
         return close
 
     async def _answer(self, method: str, target: str, body: bytes) -> _Answer:

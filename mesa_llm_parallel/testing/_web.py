@@ -58,8 +58,8 @@ async def start(
     idle_timeout: float,
     on_open: Callable[[], None],
     on_close: Callable[[], None],
-) -> Callable[[], Awaitable[None]]:
-    """Serve on ``host:port``; return ``close()``, which closes every connection.
+) -> tuple[int, Callable[[], Awaitable[None]]]:
+    """Serve on ``host:port``; return the port and ``close()``, which closes every connection.
 
     ``on_open``/``on_close`` are called as each connection opens and closes.
     """
@@ -95,23 +95,23 @@ async def start(
             super().connection_lost(handler, exc)
             on_close()
 
+    def too_large() -> web.Response:
+        message = f"request body larger than {MAX_BODY} bytes"
+        response = _json(web, 413, error_body(message, "invalid_request_error"), {})
+        response.force_close()
+        return response
+
     async def handle(request: web.BaseRequest) -> web.StreamResponse:
+        length = request.content_length
+        if length is not None and length > MAX_BODY:  # refused before it is sent
+            return too_large()
         expect = request.headers.get("Expect", "").lower()
         if expect == "100-continue" and request.version >= (1, 1):
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        length = request.content_length
-        if length is not None and length > MAX_BODY:  # refused before it is sent
-            message = f"request body larger than {MAX_BODY} bytes"
-            response = _json(web, 413, error_body(message, "invalid_request_error"), {})
-            response.force_close()
-            return response
         try:
             body = await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            message = f"request body larger than {MAX_BODY} bytes"
-            response = _json(web, 413, error_body(message, "invalid_request_error"), {})
-            response.force_close()
-            return response
+        except web.HTTPRequestEntityTooLarge:  # a chunked body grew too large
+            return too_large()
         status, payload, headers = await answer(request.method, request.path, body)
         if isinstance(payload, Mapping):
             return _json(web, status, payload, headers)
@@ -154,8 +154,7 @@ async def start(
         # the timeout is this short; 0 would mean no timeout at all).
         await server.shutdown(0.001)
 
-    close.port = listener.sockets[0].getsockname()[1]  # type: ignore[attr-defined]
-    return close
+    return listener.sockets[0].getsockname()[1], close
 
 
 def _json(web: Any, status: int, payload: Mapping[str, Any], headers: Mapping[str, str]) -> Any:
