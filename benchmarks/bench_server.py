@@ -2,11 +2,12 @@
 
 :class:`ServerProcess` starts ``python benchmarks/bench_server.py CONFIG`` (this file
 run as a script) with the benchmark's own interpreter. The child runs one
-:class:`~mesa_llm_parallel.llm_server.LoopbackLLMServer` and answers one-line commands
+:class:`~mesa_llm_parallel.testing.LoopbackLLMServer` and answers one-line commands
 on its standard input with one JSON line on its standard output:
 
-* ``stats``: the server's :class:`~mesa_llm_parallel.llm_server.ServerStats` as a dict;
+* ``stats``: the server's :class:`~mesa_llm_parallel.testing.ServerStats` as a dict;
 * ``reset``: zero the totals (``reset_stats()``);
+* ``cpu``: the child's CPU time so far, in seconds (``{"cpu": s}``, user + system);
 * ``quit`` (or end of input): stop the server and exit.
 
 Why a process of its own: the server parses requests and writes answers in Python. In
@@ -23,6 +24,7 @@ import json
 import resource
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -49,7 +51,7 @@ def raise_fd_limit(wanted: int) -> tuple[int, int]:
 
 
 class ServerProcess:
-    """A :class:`~mesa_llm_parallel.llm_server.LoopbackLLMServer` in a child process.
+    """A :class:`~mesa_llm_parallel.testing.LoopbackLLMServer` in a child process.
 
     Args:
         latency: Seconds per request (constant).
@@ -112,6 +114,10 @@ class ServerProcess:
         """Zero the server's totals."""
         self._ask("reset")
 
+    def cpu(self) -> float:
+        """The child's CPU time so far (user + system), in seconds."""
+        return self._ask("cpu")["cpu"]
+
     def stop(self) -> None:
         """Stop the server and wait for the child (idempotent)."""
         proc, self._proc = self._proc, None
@@ -143,7 +149,7 @@ class ServerProcess:
 def _serve(config: dict[str, Any]) -> None:
     import dataclasses
 
-    from mesa_llm_parallel.llm_server import LoopbackLLMServer
+    from mesa_llm_parallel.testing import LoopbackLLMServer
 
     raise_fd_limit(65_536)
     server = LoopbackLLMServer(
@@ -158,6 +164,8 @@ def _serve(config: dict[str, Any]) -> None:
             command = line.strip()
             if command == "stats":
                 print(json.dumps(dataclasses.asdict(server.stats())), flush=True)
+            elif command == "cpu":
+                print(json.dumps({"cpu": time.process_time()}), flush=True)
             elif command == "reset":
                 server.reset_stats()
                 print("{}", flush=True)
@@ -167,5 +175,57 @@ def _serve(config: dict[str, Any]) -> None:
                 print(json.dumps({"error": f"unknown command {command!r}"}), flush=True)
 
 
+def cpu_per_request(
+    agents: int = 500, latency: float = 0.1, steps: int = 4, rounds: int = 3
+) -> list[dict[str, Any]]:
+    """The server's and the client's CPU time per request, in milliseconds.
+
+    ``rounds`` times: a server process and, in this process, a
+    :class:`~mesa_llm_parallel.testing.ChatModel` of ``agents`` agents (one
+    ``AsyncOpenAI`` client on aiohttp, one ``OpenAI`` client) stepped once to warm up,
+    then ``steps`` times in asyncio mode and ``steps`` times in threading mode (64
+    threads). CPU is process time (user + system): the child's for the server, this
+    process's for the client. Prints and returns one row per round and mode.
+
+    Run it with ``python benchmarks/bench_server.py --cpu-per-request``.
+    """
+    import mesa_llm_parallel as mlp
+    from mesa_llm_parallel.testing import ChatModel
+
+    raise_fd_limit(65_536)
+    rows = []
+    for round_ in range(rounds):
+        with ServerProcess(latency=latency) as server:
+            for mode in ("asyncio", "threading"):
+                mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=64)
+                model = ChatModel(agents, server.base_url, seed=1)
+                model.step()  # warm: connections, imports, first-call costs
+                server.reset_stats()
+                server_cpu, client_cpu = server.cpu(), time.process_time()
+                for _ in range(steps):
+                    model.step()
+                client_cpu = time.process_time() - client_cpu
+                server_cpu = server.cpu() - server_cpu
+                model.close()
+                mlp.disable_automatic_parallel_stepping()
+                mlp.shutdown()
+                requests = server.stats()["completed"]
+                rows.append(
+                    {
+                        "round": round_,
+                        "mode": mode,
+                        "requests": requests,
+                        "server_ms": round(1000 * server_cpu / requests, 3),
+                        "client_ms": round(1000 * client_cpu / requests, 3),
+                        "ratio": round(server_cpu / client_cpu, 3),
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    return rows
+
+
 if __name__ == "__main__":
-    _serve(json.loads(sys.argv[1]))
+    if sys.argv[1:2] == ["--cpu-per-request"]:
+        cpu_per_request()
+    else:
+        _serve(json.loads(sys.argv[1]))

@@ -66,7 +66,7 @@ def test_demo_server_mode_runs_the_table_over_real_http(capsys):
 
 def test_demo_server_answers_like_the_simulated_model():
     pytest.importorskip("openai", reason="ServerLLM needs 'openai' (mesa_llm_parallel[llm])")
-    from mesa_llm_parallel.llm_server import LoopbackLLMServer
+    from mesa_llm_parallel.testing import LoopbackLLMServer
 
     simulated = demo.OpinionModel(15, 0.001, seed=4)
     simulated.step()
@@ -92,3 +92,25 @@ def test_demo_server_mode_without_openai_says_what_to_install(monkeypatch, capsy
         demo.main(["--server", "--agents", "3"])
     assert info.value.code == 2
     assert "pip install 'mesa_llm_parallel[llm]'" in capsys.readouterr().err
+
+
+def test_demo_runs_as_a_module_and_its_model_lives_in_testing():
+    import subprocess
+    import sys
+
+    from mesa_llm_parallel import testing
+
+    assert (demo.OpinionModel, demo.ServerLLM, demo.SimulatedLLM) == (
+        testing.OpinionModel,
+        testing.ServerLLM,
+        testing.SimulatedLLM,
+    )
+    done = subprocess.run(
+        [sys.executable, "-m", "mesa_llm_parallel.demo", "--agents", "4", "--latency", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "same opinions: yes" in done.stdout

@@ -1,4 +1,5 @@
-"""The loopback OpenAI-compatible server: responses, HTTP/1.1, quota, cap, statistics."""
+"""The loopback OpenAI-compatible server: responses, tool calls, structured output,
+streaming, HTTP/1.1, quota, cap, statistics, and the module's old names."""
 
 from __future__ import annotations
 
@@ -6,18 +7,25 @@ import asyncio
 import dataclasses
 import http.client
 import json
+import re
 import socket
 import statistics
+import sys
 import threading
 
 import pytest
 
-from mesa_llm_parallel.llm_server import (
+from mesa_llm_parallel.testing import (
     LATENCY_KINDS,
+    ChatReply,
+    ChatRequest,
     Latency,
     LoopbackLLMServer,
     ServerStats,
+    ToolCall,
+    default_reply,
     deterministic_reply,
+    schema_example,
 )
 
 CHAT = "/v1/chat/completions"
@@ -32,6 +40,17 @@ def _post(conn: http.client.HTTPConnection, payload, path: str = CHAT, headers=N
     conn.request("POST", path, data, {"content-type": "application/json", **(headers or {})})
     response = conn.getresponse()
     return response, json.loads(response.read())
+
+
+def _tool(name: str, parameters: dict | None = None) -> dict:
+    function = {"name": name, "description": f"{name} something"}
+    if parameters is not None:
+        function["parameters"] = parameters
+    return {"type": "function", "function": function}
+
+
+def _named(name: str) -> dict:
+    return {"type": "function", "function": {"name": name}}
 
 
 @pytest.fixture
@@ -110,7 +129,17 @@ def test_models_endpoint_lists_the_model():
         ({"messages": [{"role": "user", "content": "x"}]}, "'model'"),
         ({"model": "m", "messages": []}, "'messages'"),
         ({"model": "m", "messages": ["hi"]}, "'role'"),
-        (_body(stream=True), "streaming"),
+        (_body(stream="yes"), "'stream' must be true or false, got 'yes'"),
+        (_body(tools={"f": 1}), "'tools' must be an array"),
+        (_body(tools=[{"type": "function"}]), "every tool must be"),
+        (_body(tool_choice="always"), "'tool_choice' must be one of 'none', 'auto'"),
+        (
+            _body(tools=[_tool("vote")], tool_choice=_named("abstain")),
+            "names the function 'abstain', which is not among the tools ['vote']",
+        ),
+        (_body(response_format={"type": "yaml"}), "'type' is one of 'text', 'json_object'"),
+        (_body(response_format={"type": "json_schema"}), "needs 'json_schema'"),
+        (_body(seed=1.5), "'seed' must be an integer, got 1.5"),
     ],
 )
 def test_invalid_requests_get_openai_error_bodies(server, conn, payload, fragment):
@@ -169,7 +198,7 @@ def test_pipelined_requests_chunked_body_and_connection_close(server):
     )
     reply = _raw_exchange(server.port, data)  # returns once the server closed
     assert reply.count(b"HTTP/1.1 200 OK") == 3
-    assert reply.count(b"connection: close") == 1
+    assert reply.lower().count(b"connection: close") == 1
     stats = server.stats()
     assert (stats.connections, stats.completed) == (1, 3)
 
@@ -179,14 +208,13 @@ def test_http_1_0_closes_unless_asked_to_keep_alive(server):
     reply = _raw_exchange(
         server.port, _request(body, f"content-length: {len(body)}", version="HTTP/1.0")
     )
-    assert reply.startswith(b"HTTP/1.1 200 OK")
-    assert b"connection: close" in reply
+    assert re.match(rb"HTTP/1\.[01] 200 OK", reply)  # and closed: _raw_exchange returned
     data = _request(
         body, f"content-length: {len(body)}", "connection: keep-alive", version="HTTP/1.0"
     ) + _request(body, f"content-length: {len(body)}", version="HTTP/1.0")
     reply = _raw_exchange(server.port, data)
-    assert reply.count(b"HTTP/1.1 200 OK") == 2
-    assert b"connection: keep-alive" in reply
+    assert len(re.findall(rb"HTTP/1\.[01] 200 OK", reply)) == 2
+    assert b"connection: keep-alive" in reply.lower()
 
 
 def test_expect_100_continue(server):
@@ -206,20 +234,18 @@ def test_expect_100_continue(server):
     ("data", "status"),
     [
         (b"GARBAGE\r\n\r\n", 400),
-        (b"POST /v1/chat/completions HTTP/2.0\r\n\r\n", 505),
         (_request(b"{}", "content-length: 2", "transfer-encoding: chunked"), 400),
-        (_request(b"", "transfer-encoding: gzip"), 501),
+        (_request(b"", "transfer-encoding: gzip"), 400),
         (_request(b"", "content-length: 99999999999"), 413),
         (_request(b"", "content-length: 1, 2"), 400),
         (_request(b"", " folded: header"), 400),
-        (_request(b"", "x-big: " + "a" * 70_000), 431),
+        (_request(b"", "x-big: " + "a" * 70_000), 400),
     ],
 )
 def test_malformed_requests_are_refused_and_closed(server, data, status):
-    reply = _raw_exchange(server.port, data)
-    assert reply.startswith(f"HTTP/1.1 {status} ".encode())
-    assert b"connection: close" in reply
-    assert b'"error"' in reply
+    reply = _raw_exchange(server.port, data)  # read until the server closes
+    assert re.match(rb"HTTP/1\.[01] %d " % status, reply)
+    assert b'{"error":{"message":' in reply
     assert server.running  # the server goes on
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
     assert _post(conn, _body())[0].status == 200
@@ -497,3 +523,454 @@ def test_the_port_in_use_raises_at_start(server):
 def test_bad_arguments(kwargs, error):
     with pytest.raises(error):
         LoopbackLLMServer(**kwargs)
+
+
+# -- the old module names -------------------------------------------------------------
+def test_the_old_module_names_are_the_new_modules(monkeypatch):
+    import mesa_llm_parallel.llm_example as old_example
+    import mesa_llm_parallel.llm_server as old_server
+    from mesa_llm_parallel import demo, testing
+    from mesa_llm_parallel.llm_example import ChatModel as OldChatModel
+    from mesa_llm_parallel.llm_server import LoopbackLLMServer as OldServer
+    from mesa_llm_parallel.testing import _example, _server
+
+    assert old_server is _server
+    assert old_example is _example
+    assert OldServer is testing.LoopbackLLMServer
+    assert OldChatModel is testing.ChatModel
+    assert demo.OpinionModel is testing.OpinionModel
+    assert demo.SimulatedLLM is testing.SimulatedLLM
+    assert set(old_server.__all__) <= set(dir(old_server))
+    # One module under two names: patching the old name changes what the server does.
+    monkeypatch.setattr(old_server, "deterministic_reply", lambda prompt: "patched")
+    with LoopbackLLMServer() as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        _, data = _post(conn, _body("anything"))
+        conn.close()
+    assert data["choices"][0]["message"]["content"] == "patched"
+
+
+# -- the reply hook -------------------------------------------------------------------
+VOTE = {
+    "type": "object",
+    "properties": {
+        "choice": {"type": "string", "enum": ["yes", "no"]},
+        "weight": {"type": "integer", "minimum": 3, "maximum": 9},
+    },
+    "required": ["choice", "weight"],
+}
+REACT_FORMAT = {  # what litellm sends for mesa-llm's ReActOutput (pydantic, strict)
+    "type": "json_schema",
+    "json_schema": {
+        "name": "ReActOutput",
+        "strict": True,
+        "schema": {
+            "properties": {
+                "reasoning": {"description": "Step-by-step reasoning", "type": "string"},
+                "action": {"description": "The action to take", "type": "string"},
+            },
+            "required": ["reasoning", "action"],
+            "title": "ReActOutput",
+            "type": "object",
+            "additionalProperties": False,
+        },
+    },
+}
+
+
+def _openai():
+    return pytest.importorskip("openai", reason="needs 'openai' (the llm extra)")
+
+
+def test_respond_receives_the_whole_request():
+    openai = _openai()
+    seen: list[ChatRequest] = []
+
+    def respond(request: ChatRequest) -> str:
+        seen.append(request)
+        return "ok"
+
+    messages = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "first"},
+        {"role": "assistant", "content": "fine"},
+        {"role": "user", "content": "second"},
+    ]
+    with LoopbackLLMServer(respond=respond) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        response = client.chat.completions.create(
+            model="m",
+            messages=messages,
+            tools=[_tool("vote", VOTE), _tool("pass")],
+            tool_choice="none",
+            response_format=REACT_FORMAT,
+            seed=7,
+            temperature=0.25,
+        )
+        client.close()
+    assert response.choices[0].message.content == "ok"
+    (request,) = seen
+    assert request.model == "m"
+    assert list(request.messages) == messages
+    assert request.prompt == "second"
+    assert request.tool_names == ("vote", "pass")
+    assert request.tool("vote")["parameters"] == VOTE
+    assert request.tool_choice == "none"
+    assert request.response_format == REACT_FORMAT
+    assert (request.seed, request.stream) == (7, False)
+    assert request.body["temperature"] == 0.25
+    with pytest.raises(KeyError, match=r"no tool named 'abstain'; the request offers \['vote'"):
+        request.tool("abstain")
+
+
+def test_tool_calls_reach_the_openai_client():
+    openai = _openai()
+
+    def respond(request: ChatRequest):
+        return [ToolCall("vote", {"choice": "yes", "weight": 4}), ToolCall("pass", "{}", id="c2")]
+
+    with LoopbackLLMServer(respond=respond) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        response = client.chat.completions.create(
+            model="m", messages=[{"role": "user", "content": "go"}], tools=[_tool("vote", VOTE)]
+        )
+        client.close()
+    (choice,) = response.choices
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.content is None
+    first, second = choice.message.tool_calls
+    assert (first.type, first.function.name) == ("function", "vote")
+    assert json.loads(first.function.arguments) == {"choice": "yes", "weight": 4}
+    assert first.id.startswith("call_")
+    assert (second.id, second.function.name, second.function.arguments) == ("c2", "pass", "{}")
+
+
+def test_call_ids_are_a_function_of_the_request(conn):
+    body = _body("same", tools=[_tool("vote", VOTE)], tool_choice="required")
+    ids = [_post(conn, body)[1]["choices"][0]["message"]["tool_calls"][0]["id"] for _ in "ab"]
+    other = _post(conn, _body("other", tools=[_tool("vote", VOTE)], tool_choice="required"))[1]
+    assert ids[0] == ids[1]
+    assert other["choices"][0]["message"]["tool_calls"][0]["id"] != ids[0]
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ("text", ChatReply(content="text")),
+        (ToolCall("f"), ChatReply(tool_calls=(ToolCall("f"),))),
+        ((ToolCall("f"), ToolCall("g")), ChatReply(tool_calls=(ToolCall("f"), ToolCall("g")))),
+        (ChatReply("both", [ToolCall("f")]), ChatReply("both", (ToolCall("f"),))),
+    ],
+)
+def test_respond_may_return_text_calls_or_a_reply(value, expected):
+    with LoopbackLLMServer(respond=lambda request: value) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        _, data = _post(connection, _body("x"))
+        connection.close()
+    message = data["choices"][0]["message"]
+    assert message["content"] == expected.content
+    calls = [
+        (c["function"]["name"], c["function"]["arguments"]) for c in message.get("tool_calls", [])
+    ]
+    assert calls == [(c.name, c.arguments_json()) for c in expected.tool_calls]
+    assert data["choices"][0]["finish_reason"] == expected.finish_reason
+
+
+@pytest.mark.parametrize("value", [None, 3, [], ["f"], {"name": "f"}])
+def test_a_bad_respond_value_gives_500_naming_it(value):
+    with LoopbackLLMServer(respond=lambda request: value) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        conn.close()
+        assert server.stats().errors == 1
+    assert response.status == 500
+    assert f"it returned {value!r}" in data["error"]["message"]
+    assert (
+        "a str, a ToolCall, a non-empty sequence of ToolCall or a ChatReply"
+        in (data["error"]["message"])
+    )
+
+
+def test_reply_and_respond_are_checked():
+    with pytest.raises(ValueError, match=r"give reply .* or respond .*, not both"):
+        LoopbackLLMServer(reply=str.upper, respond=lambda request: "x")
+    with pytest.raises(TypeError, match="respond must be callable"):
+        LoopbackLLMServer(respond="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ToolCall name must be a non-empty str, got ''"):
+        ToolCall("")
+    with pytest.raises(TypeError, match="ToolCall arguments must be a mapping or a JSON"):
+        ToolCall("f", 3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="ChatReply content must be a str or None, got 3"):
+        ChatReply(3)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tool_calls must be a sequence of ToolCall"):
+        ChatReply(tool_calls=ToolCall("f"))  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="tool_calls must hold ToolCall objects, got 'f'"):
+        ChatReply(tool_calls=["f"])  # type: ignore[list-item]
+
+
+# -- the default reply: tools and structured output -----------------------------------
+def _validate(instance, schema):
+    jsonschema = pytest.importorskip("jsonschema")
+    jsonschema.validate(instance, schema)
+
+
+@pytest.mark.parametrize(
+    ("tool_choice", "last_role", "called"),
+    [
+        ("required", "user", "vote"),
+        ("required", "tool", "vote"),
+        ({"type": "function", "function": {"name": "rate"}}, "user", "rate"),
+        ("auto", "user", "vote"),
+        (None, "user", "vote"),
+        ("auto", "tool", None),
+        ("none", "user", None),
+    ],
+)
+def test_the_default_reply_calls_a_tool_by_the_documented_rule(
+    conn, tool_choice, last_role, called
+):
+    rate = {"type": "object", "properties": {"stars": {"type": "number", "exclusiveMinimum": 0}}}
+    messages = [{"role": "user", "content": "vote now"}]
+    if last_role == "tool":
+        messages.append({"role": "tool", "tool_call_id": "c1", "content": "done"})
+    body = {"model": "m", "messages": messages, "tools": [_tool("vote", VOTE), _tool("rate", rate)]}
+    if tool_choice is not None:
+        body["tool_choice"] = tool_choice
+    _, data = _post(conn, body)
+    (choice,) = data["choices"]
+    if called is None:
+        assert choice["finish_reason"] == "stop"
+        assert choice["message"]["content"] == deterministic_reply("vote now")
+        assert "tool_calls" not in choice["message"]
+        return
+    assert choice["finish_reason"] == "tool_calls"
+    assert choice["message"]["content"] is None
+    (call,) = choice["message"]["tool_calls"]
+    assert call["function"]["name"] == called
+    _validate(json.loads(call["function"]["arguments"]), VOTE if called == "vote" else rate)
+
+
+def test_a_tool_without_parameters_is_called_with_no_arguments(conn):
+    _, data = _post(conn, _body(tools=[_tool("wait")], tool_choice="required"))
+    (call,) = data["choices"][0]["message"]["tool_calls"]
+    assert (call["function"]["name"], call["function"]["arguments"]) == ("wait", "{}")
+
+
+SCHEMAS = {
+    "scalars": {
+        "type": "object",
+        "properties": {
+            "s": {"type": "string", "minLength": 12, "maxLength": 14},
+            "n": {"type": "number", "exclusiveMinimum": 2.5, "exclusiveMaximum": 3},
+            "i": {"type": "integer", "exclusiveMinimum": 4},
+            "j": {"type": "integer", "maximum": -3},
+            "b": {"type": "boolean"},
+            "z": {"type": "null"},
+            "e": {"enum": ["red", "green"]},
+            "c": {"const": 42},
+            "maybe": {"type": ["null", "integer"]},
+        },
+        "required": ["s", "n", "i", "j", "b", "z", "e", "c", "maybe"],
+        "additionalProperties": False,
+    },
+    "arrays": {
+        "type": "object",
+        "properties": {
+            "many": {"type": "array", "items": {"type": "integer"}, "minItems": 3},
+            "none": {"type": "array", "items": {"type": "string"}, "maxItems": 0},
+            "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}]},
+        },
+        "required": ["many", "none", "pair"],
+    },
+    "nested, $ref and anyOf": {
+        "$defs": {
+            "Move": {
+                "type": "object",
+                "properties": {"dx": {"type": "integer", "minimum": -1, "maximum": 1}},
+                "required": ["dx"],
+            }
+        },
+        "type": "object",
+        "properties": {
+            "moves": {"type": "array", "items": {"$ref": "#/$defs/Move"}, "minItems": 2},
+            "target": {"anyOf": [{"$ref": "#/$defs/Move"}, {"type": "null"}]},
+            "both": {
+                "allOf": [{"$ref": "#/$defs/Move"}, {"properties": {"why": {"type": "string"}}}]
+            },
+        },
+        "required": ["moves", "target", "both"],
+    },
+    "react": REACT_FORMAT["json_schema"]["schema"],
+}
+
+
+@pytest.mark.parametrize("name", SCHEMAS)
+def test_the_default_json_schema_reply_is_valid(conn, name):
+    schema = SCHEMAS[name]
+    response_format = {"type": "json_schema", "json_schema": {"name": "x", "schema": schema}}
+    _, data = _post(conn, _body("why?", response_format=response_format))
+    value = json.loads(data["choices"][0]["message"]["content"])
+    _validate(value, schema)
+    assert value == schema_example(schema, text=deterministic_reply("why?"))
+
+
+def test_the_react_reply_parses_as_mesa_llm_reads_it(conn):
+    _, data = _post(conn, _body("observe", response_format=REACT_FORMAT))
+    parsed = json.loads(data["choices"][0]["message"]["content"])
+    assert parsed == {
+        "reasoning": deterministic_reply("observe"),
+        "action": deterministic_reply("observe"),
+    }
+
+
+def test_json_object_and_the_reply_function(conn):
+    _, data = _post(conn, _body("q", response_format={"type": "json_object"}))
+    assert json.loads(data["choices"][0]["message"]["content"]) == {
+        "reply": deterministic_reply("q")
+    }
+    with LoopbackLLMServer(reply=str.upper) as server:
+        connection = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        _, data = _post(connection, _body("loud", response_format=REACT_FORMAT))
+        connection.close()
+    assert json.loads(data["choices"][0]["message"]["content"]) == {
+        "reasoning": "LOUD",
+        "action": "LOUD",
+    }
+
+
+def test_structured_output_through_the_openai_parse_helper():
+    openai = _openai()
+    pydantic = pytest.importorskip("pydantic")
+
+    class Decision(pydantic.BaseModel):
+        reasoning: str
+        confidence: float
+        votes: list[int]
+        kind: str = pydantic.Field(json_schema_extra={"enum": ["stay", "move"]})
+
+    with LoopbackLLMServer() as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        response = client.chat.completions.parse(
+            model="m", messages=[{"role": "user", "content": "decide"}], response_format=Decision
+        )
+        client.close()
+    parsed = response.choices[0].message.parsed
+    assert parsed == Decision(
+        reasoning=deterministic_reply("decide"), confidence=0.0, votes=[0], kind="stay"
+    )
+
+
+@pytest.mark.parametrize(
+    ("schema", "fragment"),
+    [
+        ({"$ref": "#/$defs/Nope"}, "points at nothing"),
+        ({"$ref": "other.json"}, "only $ref into the schema itself"),
+        (False, "no value is valid"),
+        ({"type": "integer", "minimum": 2, "maximum": 1}, "no integer meets the bounds"),
+        ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength 3 > maxLength 2"),
+        ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems 3 > maxItems 1"),
+        ({"type": "tuple"}, "unknown JSON-schema type 'tuple'"),
+        ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "deeper than 32 levels"),
+    ],
+)
+def test_schemas_no_example_can_meet_are_named(schema, fragment):
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        schema_example(schema)
+
+
+def test_a_tool_whose_parameters_are_not_an_object_gives_500(conn):
+    _, data = _post(conn, _body(tools=[_tool("f", {"type": "string"})], tool_choice="required"))
+    assert "the parameters of tool 'f' are not an object schema" in data["error"]["message"]
+
+
+def test_default_reply_is_importable_for_hooks():
+    request = ChatRequest.from_body(_body("hi", tools=[_tool("vote", VOTE)]))
+    reply = default_reply(request, text=str.upper)
+    assert reply.tool_calls == (ToolCall("vote", {"choice": "yes", "weight": 3}),)
+    assert default_reply(ChatRequest.from_body(_body("hi")), text=str.upper) == ChatReply("HI")
+
+
+# -- streaming ------------------------------------------------------------------------
+def _stream_body(**extra):
+    return _body("please stream this answer", stream=True, **extra)
+
+
+def test_streams_are_server_sent_events_in_chunks(server):
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    conn.request("POST", CHAT, json.dumps(_stream_body(stream_options={"include_usage": True})))
+    response = conn.getresponse()
+    raw = response.read().decode()  # http.client undoes the chunked coding
+    assert response.status == 200
+    assert response.getheader("content-type").startswith("text/event-stream")
+    assert response.getheader("transfer-encoding") == "chunked"
+    events = [line.removeprefix("data: ") for line in raw.split("\n\n") if line]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert {c["object"] for c in chunks} == {"chat.completion.chunk"}
+    assert len({c["id"] for c in chunks}) == 1
+    *choices, usage = chunks
+    text = "".join(c["choices"][0]["delta"].get("content") or "" for c in choices)
+    assert text == deterministic_reply("please stream this answer")
+    assert [c["choices"][0]["finish_reason"] for c in choices][-1] == "stop"
+    assert usage["choices"] == []
+    assert usage["usage"]["prompt_tokens"] == 4
+    _, again = _post(conn, _body())  # the connection is kept alive
+    assert again["object"] == "chat.completion"
+    conn.close()
+
+
+def test_streaming_text_and_tool_calls_through_the_sync_client():
+    openai = _openai()
+    text = "one two three four"
+    calls = [ToolCall("vote", {"choice": "no", "weight": 5}), ToolCall("pass")]
+    answers = iter([text, calls])
+    with LoopbackLLMServer(respond=lambda request: next(answers)) as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        messages = [{"role": "user", "content": "go"}]
+        stream = client.chat.completions.create(
+            model="m", messages=messages, stream=True, stream_options={"include_usage": True}
+        )
+        chunks = list(stream)
+        with client.chat.completions.stream(
+            model="m", messages=messages, tools=[_tool("vote", VOTE), _tool("pass")]
+        ) as events:
+            final = events.get_final_completion()
+        client.close()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+    assert chunks[-1].usage.completion_tokens == 4
+    message = final.choices[0].message
+    assert final.choices[0].finish_reason == "tool_calls"
+    assert [(c.function.name, json.loads(c.function.arguments)) for c in message.tool_calls] == [
+        ("vote", {"choice": "no", "weight": 5}),
+        ("pass", {}),
+    ]
+
+
+def test_streaming_through_the_async_client():
+    openai = _openai()
+
+    async def ask(base_url: str) -> tuple[str, list]:
+        async with openai.AsyncOpenAI(base_url=base_url, api_key="k", max_retries=0) as client:
+            stream = await client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "stream"}],
+                tools=[_tool("vote", VOTE)],
+                tool_choice="required",
+                stream=True,
+            )
+            deltas = [chunk.choices[0].delta async for chunk in stream]
+        return deltas
+
+    with LoopbackLLMServer() as server:
+        deltas = asyncio.run(ask(server.base_url))
+    calls = [call for delta in deltas for call in delta.tool_calls or ()]
+    assert calls[0].function.name == "vote"
+    arguments = "".join(call.function.arguments or "" for call in calls)
+    assert json.loads(arguments) == {"choice": "yes", "weight": 3}
+
+
+def test_without_aiohttp_the_server_names_the_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "aiohttp", None)  # makes `from aiohttp import web` fail
+    monkeypatch.setitem(sys.modules, "aiohttp.web", None)
+    with pytest.raises(ImportError, match=r"pip install 'mesa_llm_parallel\[testing\]'"):
+        LoopbackLLMServer()

@@ -38,7 +38,7 @@ else:
     from mesa.agentset import AgentSet, _HardKeyAgentSet
 
     import mesa_llm_parallel as mlp
-    from mesa_llm_parallel.llm_server import LoopbackLLMServer
+    from mesa_llm_parallel.testing import LoopbackLLMServer
 
     #: Mesa's own functions, read before mesa_llm's import replaces one of them.
     MESA_ORIGINALS = {cls: cls.__dict__["shuffle_do"] for cls in (AgentSet, _HardKeyAgentSet)}

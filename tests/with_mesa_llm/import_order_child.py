@@ -32,7 +32,7 @@ from mesa.agentset import AgentSet, _HardKeyAgentSet
 PRISTINE = {cls: cls.__dict__["shuffle_do"] for cls in (AgentSet, _HardKeyAgentSet)}
 
 import mesa_llm_parallel as mlp  # noqa: E402  (imports nothing of mesa_llm)
-from mesa_llm_parallel.llm_server import LoopbackLLMServer  # noqa: E402
+from mesa_llm_parallel.testing import LoopbackLLMServer  # noqa: E402
 
 AGENTS = 8
 EVEN = AGENTS // 2  # the agents of model.agents.select(even): a plain AgentSet

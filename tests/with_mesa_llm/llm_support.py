@@ -1,6 +1,6 @@
 """mesa-llm agents and models for the integration tests (imports ``mesa_llm``).
 
-Agents talk to a :class:`~mesa_llm_parallel.llm_server.LoopbackLLMServer` through
+Agents talk to a :class:`~mesa_llm_parallel.testing.LoopbackLLMServer` through
 mesa-llm's own ``ModuleLLM`` (litellm): ``openai/`` model names, the server's base URL as
 ``api_base``, any API key. Used by the test modules and by ``import_order_child.py``.
 """
@@ -16,6 +16,8 @@ os.environ.setdefault("OPENAI_API_KEY", "sk-loopback")  # ModuleLLM requires a k
 import mesa
 from mesa_llm.llm_agent import LLMAgent
 from mesa_llm.reasoning.cot import CoTReasoning
+from mesa_llm.reasoning.react import ReActReasoning
+from mesa_llm.tools.tool_decorator import tool
 
 #: litellm's "openai/" provider speaks the OpenAI protocol to any ``api_base``.
 LLM_MODEL = "openai/loopback-chat"
@@ -113,3 +115,56 @@ class Town(mesa.Model):
 
     def step(self) -> None:
         self.agents.shuffle_do("step")
+
+
+# -- tools that really run ------------------------------------------------------------
+@tool
+def cast_ballot(agent: LLMAgent, choice: str, weight: int) -> str:
+    """Cast the agent's ballot in the model's election.
+
+    Args:
+        agent: The voting agent (given by mesa-llm, not by the language model).
+        choice: What the agent votes for.
+        weight: How strongly it holds that view.
+
+    Returns:
+        What was recorded.
+    """
+    agent.model.ballots.append((agent.unique_id, choice, weight, threading.current_thread().name))
+    return f"agent {agent.unique_id} voted {choice!r}"
+
+
+class Elector(LLMAgent):
+    """Plans with mesa-llm's ReAct reasoning and acts through the ``cast_ballot`` tool.
+
+    ``aplan``/``plan`` ask for the ReAct reasoning (a JSON answer to mesa-llm's
+    ``ReActOutput`` schema), then for the tool calls that carry out its action;
+    ``aapply_plan``/``apply_plan`` run those calls through the agent's tool manager.
+    """
+
+    def __init__(self, model: mesa.Model, api_base: str) -> None:
+        super().__init__(
+            model,
+            reasoning=ReActReasoning,
+            llm_model=LLM_MODEL,
+            api_base=api_base,
+            step_prompt="The election is today. Decide how to vote, then vote.",
+        )
+        self.memory.display = False
+
+    async def astep(self) -> None:
+        obs = await self.agenerate_obs()
+        plan = await self.reasoning.aplan(obs=obs, selected_tools=["cast_ballot"])
+        await self.aapply_plan(plan)
+
+    def step(self) -> None:
+        plan = self.reasoning.plan(obs=self.generate_obs(), selected_tools=["cast_ballot"])
+        self.apply_plan(plan)
+
+
+class Election(Town):
+    """``n`` :class:`Elector` s; ``ballots`` holds what ``cast_ballot`` recorded."""
+
+    def __init__(self, n: int, api_base: str, **kwargs) -> None:
+        self.ballots: list[tuple[int, str, int, str]] = []
+        super().__init__(n, api_base, Elector, **kwargs)

@@ -13,7 +13,7 @@ import pytest
 from llm_support import Planner, StepOnly, Town
 
 import mesa_llm_parallel as mlp
-from mesa_llm_parallel.llm_server import LoopbackLLMServer, deterministic_reply
+from mesa_llm_parallel.testing import LoopbackLLMServer, deterministic_reply
 
 AGENTS = 20
 STEPS = 3
