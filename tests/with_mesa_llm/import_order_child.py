@@ -70,7 +70,9 @@ class Scenario:
     """The loopback server, a model of Voters, and a spy on mesa_llm's stepping."""
 
     def __init__(self) -> None:
-        self.server = LoopbackLLMServer(latency=0.3).start()
+        # Long enough that every agent's request is in flight at once on a loaded machine
+        # (litellm spends milliseconds of CPU on each call before it is sent).
+        self.server = LoopbackLLMServer(latency=1.0).start()
         self.mesa_llm_steps = 0
         self.model: Any = None
 
