@@ -57,6 +57,7 @@ import weakref
 from collections.abc import Callable, Coroutine
 from typing import Any, Final, Literal
 
+from mesa_llm_parallel._ordering import current_turnstile
 from mesa_llm_parallel._state import state_of
 
 __all__ = [
@@ -434,7 +435,8 @@ class _SentStep:
     with other work (:meth:`stalled_time`): the delay between sending the step and the
     loop starting it, and, while it runs, every poll interval at whose end the loop has
     still not run a probe sent at the interval's start and is running something other
-    than this step's own tasks (a notebook cell, another caller's step, a callback).
+    than the step's own work or a parallel step's agent (a notebook cell's code, a
+    callback, other asyncio code).
     Blocks shorter than one poll interval are not seen. Probes are sent only by a
     waiting caller: nothing is measured on a loop that the calling thread runs itself.
     """
@@ -518,12 +520,20 @@ class _SentStep:
         self.blocked_by_other_work = False
 
     def _running_own_task(self) -> bool:
-        """Whether the loop's thread is running one of this step's tasks right now."""
+        """Whether the loop's thread is running this step's work right now.
+
+        That is this step's own task (or one it made in its context), or any parallel
+        step's agent: agents run in copies of their step's context, made before the
+        step was sent, so they are known by the turnstile set in it, not by this token.
+        """
         try:
             task = asyncio.current_task(self.loop)  # read from another thread: a lookup
         except Exception:  # a loop asyncio knows nothing about: assume the step's own
             return True
-        return task is not None and task.get_context().get(_STEP_TOKEN) is self.token
+        if task is None:  # a plain callback (or nothing): not a step's
+            return False
+        context = task.get_context()
+        return context.get(_STEP_TOKEN) is self.token or context.get(current_turnstile) is not None
 
     def stalled_time(self) -> float:
         """Seconds the step waited for the loop while the loop did other work."""
