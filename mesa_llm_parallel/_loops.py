@@ -496,26 +496,34 @@ class _SentStep:
 
     # -- how long the loop kept the step waiting -------------------------------------
     def probe(self) -> None:
-        """Called by the waiting caller every ``_POLL`` s: is the loop held up elsewhere?"""
+        """Called by the waiting caller every ``_POLL`` s: is the loop held up elsewhere?
+
+        A probe still unanswered at the next call means the loop was busy over the whole
+        interval; it counts if the loop is then running other work. Once the probe is
+        answered, the part of the interval before the answer counts as the interval
+        before it did, and a new probe is sent.
+        """
         now = time.perf_counter()
         if self.started_at is not None:
-            self._count_until(now)
-            if self.probe_sent is None or self.probe_answered is not None:
+            if self.probe_sent is not None and self.probe_answered is None:
+                self.blocked_by_other_work = not self._running_own_task()
+                if self.blocked_by_other_work:
+                    self.stalled += now - self.last_poll
+            else:
+                self._count_tail()
                 self.probe_sent, self.probe_answered = now, None
                 with contextlib.suppress(RuntimeError):  # closed: the wait notices
                     self.loop.call_soon_threadsafe(self._answer)
-            else:  # unanswered for a whole interval: the loop is busy; with what?
-                self.blocked_by_other_work = not self._running_own_task()
         self.last_poll = now
 
     def _answer(self) -> None:
         self.probe_answered = time.perf_counter()
 
-    def _count_until(self, now: float) -> None:
-        """Add the last interval if the loop spent it on other work (up to its answer)."""
-        if self.blocked_by_other_work:
-            end = now if self.probe_answered is None else min(now, self.probe_answered)
-            self.stalled += max(0.0, end - self.last_poll)
+    def _count_tail(self) -> None:
+        """Count the end of a block of other work: from the last call to the answer."""
+        answered = self.probe_answered
+        if self.blocked_by_other_work and answered is not None:
+            self.stalled += max(0.0, answered - self.last_poll)
         self.blocked_by_other_work = False
 
     def _running_own_task(self) -> bool:
@@ -536,10 +544,8 @@ class _SentStep:
 
     def stalled_time(self) -> float:
         """Seconds the step waited for the loop while the loop did other work."""
-        now = time.perf_counter()
-        started = self.started_at if self.started_at is not None else now
-        self._count_until(now)
-        self.last_poll = now
+        started = self.started_at if self.started_at is not None else time.perf_counter()
+        self._count_tail()
         return (started - self.sent_at) + self.stalled
 
     # -- waiting ----------------------------------------------------------------------
