@@ -391,12 +391,12 @@ class Step:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.busy_time = 0.0
+        #: Seconds a busy loop of another thread kept the step waiting (see _loops).
+        self.stalled_time = 0.0
         self.failures: list[AgentFailure] = []
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
         self.interrupted = False
-        #: Seconds a busy loop of another thread kept the step waiting (see _loops).
-        self.stalled_time = 0.0
         self.progress = _progress_bar(self.n, mode) if cfg.progress and self.n else None
 
     def agent_at(self, position: int) -> Any:
