@@ -41,6 +41,7 @@ from mesa_llm_parallel import _recovery as recovery
 from mesa_llm_parallel._collector import scaled_collector
 from mesa_llm_parallel._loops import (
     NestingTooDeepError,
+    last_stalled_time,
     prepare_home,
     run_coroutine_sync,
     run_on_thread_loop,
@@ -390,6 +391,8 @@ class Step:
         self.in_flight = 0
         self.peak_in_flight = 0
         self.busy_time = 0.0
+        #: Seconds a busy loop of another thread kept the step waiting (see _loops).
+        self.stalled_time = 0.0
         self.failures: list[AgentFailure] = []
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
@@ -537,6 +540,7 @@ class Step:
                 interrupted=self.interrupted,
                 stuck_threads=stuck_threads(),
                 placement=self.dispatch.placements() if self.dispatch is not None else (),
+                stalled_time=self.stalled_time,
             )
 
     def close(self, model: Any, *, interrupted: bool = False) -> StepReport:
@@ -1816,11 +1820,14 @@ def run_step_sync(step: Step, model: Any) -> None:
             # thread's loop (the background loop), where the answer would be wrong.
             nested = in_nested_step()
             try:
-                run_coroutine_sync(
-                    lambda: run_step_async(step, nested=nested),
-                    loop_policy=step.cfg.loop,
-                    model=model,
-                )
+                try:
+                    run_coroutine_sync(
+                        lambda: run_step_async(step, nested=nested),
+                        loop_policy=step.cfg.loop,
+                        model=model,
+                    )
+                finally:
+                    step.stalled_time = last_stalled_time()
             except NestingTooDeepError:
                 if step.started or step.skipped:
                     raise

@@ -27,6 +27,15 @@ idle (a persistent loop whose thread is busy elsewhere or gone: such a loop stay
 for as long as a model lives that calls it home). A home is replaced only when it was
 closed, or is someone else's loop that no longer runs.
 
+One function, :func:`choose_loop`, applies these rules for every blocking entry point
+and answers with a :class:`LoopChoice`: the loop, which thread runs it while the step
+runs there (``RunBy``), and the path that :func:`last_loop_path` reports.
+
+A step sent to a loop that another thread runs waits whenever that loop is busy with
+other work: a notebook cell running synchronous code blocks the kernel's loop, and so a
+panel's step sent there. The wait is measured (:func:`last_stalled_time`, see
+:class:`_SentStep`) and reported as ``StepReport.stalled_time``.
+
 If the caller is interrupted (``KeyboardInterrupt``) or fails while waiting, the
 coroutine is cancelled and given the chance to unwind before the exception propagates,
 so no task is left pending on a loop that will be reused.
@@ -45,14 +54,18 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Coroutine
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NamedTuple
 
+from mesa_llm_parallel._ordering import current_turnstile
 from mesa_llm_parallel._state import state_of
 
 __all__ = [
+    "LoopChoice",
+    "choose_loop",
     "close_loops",
     "home_loop",
     "last_loop_path",
+    "last_stalled_time",
     "prepare_home",
     "run_coroutine_sync",
     "run_on_thread_loop",
@@ -87,18 +100,19 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     return loop
 
 
-class _LoopHolder:
-    """Owns one persistent loop and closes it when nothing needs it any more.
+class _PersistentLoop:
+    """A persistent loop of the library's, closed when nothing needs it any more.
 
-    That is when its thread is gone and no living model has the loop as its home. The
-    loop may be run by any thread, one at a time: whoever holds ``lock`` runs it.
+    It is made for one thread (see :func:`_loop_of_this_thread`) and closed once that
+    thread is gone and no living model has the loop as its home. Any thread may run it,
+    one at a time: whoever holds ``run_lock`` runs it.
     """
 
-    __slots__ = ("__weakref__", "lock", "loop")
+    __slots__ = ("__weakref__", "loop", "run_lock")
 
     def __init__(self) -> None:
         self.loop = _new_loop()
-        self.lock = threading.Lock()
+        self.run_lock = threading.Lock()
 
     def close(self) -> None:
         """Close the loop unless some thread is running it (or about to).
@@ -107,7 +121,7 @@ class _LoopHolder:
         background worker that an agent started) are cancelled and given up to
         ``_UNWIND_TIMEOUT`` seconds to finish, then async generators are closed.
         """
-        if not self.lock.acquire(blocking=False):
+        if not self.run_lock.acquire(blocking=False):
             return
         try:
             loop = self.loop
@@ -123,7 +137,7 @@ class _LoopHolder:
             finally:
                 loop.close()
         finally:
-            self.lock.release()
+            self.run_lock.release()
 
     def __del__(self) -> None:  # its thread has ended, and no living model calls it home
         loop = self.loop
@@ -131,19 +145,25 @@ class _LoopHolder:
             loop.close()
 
 
-_holders: weakref.WeakSet[_LoopHolder] = weakref.WeakSet()
-_holders_lock = threading.Lock()
+_persistent_loops: weakref.WeakSet[_PersistentLoop] = weakref.WeakSet()
+_persistent_loops_lock = threading.Lock()
 
 
-def _thread_holder() -> _LoopHolder:
-    holder: _LoopHolder | None = getattr(_local, "holder", None)
-    if holder is None or holder.loop.is_closed():
-        holder = _LoopHolder()
-        _local.holder = holder
-        with _holders_lock:
-            _holders.add(holder)
+def _this_threads_loop() -> _PersistentLoop | None:
+    """The calling thread's persistent loop if it has one (never makes one)."""
+    return getattr(_local, "own_loop", None)
+
+
+def _loop_of_this_thread() -> _PersistentLoop:
+    """The calling thread's persistent loop (made on first use, or anew once closed)."""
+    own = _this_threads_loop()
+    if own is None or own.loop.is_closed():
+        own = _PersistentLoop()
+        _local.own_loop = own
+        with _persistent_loops_lock:
+            _persistent_loops.add(own)
             _close_at_exit()
-    return holder
+    return own
 
 
 _exit_hook_registered = False
@@ -163,7 +183,7 @@ def _close_at_exit() -> None:
 
 def thread_loop() -> asyncio.AbstractEventLoop:
     """Return the calling thread's persistent event loop, creating it on first use."""
-    return _thread_holder().loop
+    return _loop_of_this_thread().loop
 
 
 def last_loop_path() -> LoopPath | None:
@@ -306,7 +326,9 @@ def _can_reuse(loop: asyncio.AbstractEventLoop) -> bool:
 
 
 # -- the background loop thread -----------------------------------------------------
-class _BackgroundLoop:
+class _LoopThread:
+    """The library's background loop, run forever by a daemon thread of its own."""
+
     def __init__(self) -> None:
         self.loop = _new_loop()
         self.thread = threading.Thread(target=self._run, name="mesa-llm-parallel-loop", daemon=True)
@@ -315,9 +337,6 @@ class _BackgroundLoop:
     def _run(self) -> None:
         asyncio.set_event_loop(self.loop)
         self.loop.run_forever()
-
-    def run(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-        return _send(self.loop, factory)
 
     def stop(self) -> None:
         if self.loop.is_closed():
@@ -343,27 +362,33 @@ async def _cancel_pending() -> None:
         await asyncio.wait(pending, timeout=_UNWIND_TIMEOUT)
 
 
-_background: _BackgroundLoop | None = None
+#: The background loop thread, made on first use (``_background_loop_thread``).
+_background: _LoopThread | None = None
 _background_lock = threading.Lock()
 
 
-def _background_loop() -> _BackgroundLoop:
+def _background_loop_thread() -> _LoopThread:
     global _background  # noqa: PLW0603 - one lazily created loop thread per process
-    bg = _background
-    if bg is None or not bg.thread.is_alive():
+    background = _background
+    if background is None or not background.thread.is_alive():
         with _background_lock:
-            bg = _background
-            if bg is None or not bg.thread.is_alive():
-                bg = _background = _BackgroundLoop()
+            background = _background
+            if background is None or not background.thread.is_alive():
+                background = _background = _LoopThread()
                 _close_at_exit()
-    return bg
+    return background
 
 
 # -- running ------------------------------------------------------------------------
 #: How often a thread that waits for another thread's loop checks on it, in seconds.
 #: Short: a Ctrl-C delivered to another thread is noticed only when this one runs
-#: Python code again.
+#: Python code again. It is also the interval of the probes that tell whether the loop
+#: is held up by other work (``_SentStep.probe``).
 _POLL: Final = 0.05
+
+#: Set, in the context a sent step runs in, to that step's token: its own tasks (and
+#: the tasks they create) carry it, so a probe can tell them from other work on the loop.
+_STEP_TOKEN: contextvars.ContextVar[object] = contextvars.ContextVar("mesa_llm_parallel_step")
 
 
 def _run_until_complete(
@@ -398,10 +423,36 @@ class _LoopGoneError(RuntimeError):
     """The loop a step was sent to was closed, or stopped, before the step was done."""
 
 
-class _Remote:
-    """A coroutine running on a loop that another thread runs, and its completion."""
+class _NotSentError(_LoopGoneError):
+    """The loop a step was about to be sent to was closed: nothing of the step ran."""
 
-    __slots__ = ("done", "loop", "task")
+
+class _SentStep:
+    """A coroutine sent to a loop that another thread runs, and its completion.
+
+    It also measures how long the step waited for that loop while the loop was busy
+    with other work (:meth:`stalled_time`): the delay between sending the step and the
+    loop starting it, and, while it runs, every poll interval at whose end the loop has
+    still not run a probe sent at the interval's start and is running something other
+    than the step's own work or a parallel step's agent (a notebook cell's code, a
+    callback, other asyncio code).
+    Blocks shorter than one poll interval are not seen. Probes are sent only by a
+    waiting caller: nothing is measured on a loop that the calling thread runs itself.
+    """
+
+    __slots__ = (
+        "blocked_by_other_work",
+        "done",
+        "last_poll",
+        "loop",
+        "probe_answered",
+        "probe_sent",
+        "sent_at",
+        "stalled",
+        "started_at",
+        "task",
+        "token",
+    )
 
     def __init__(
         self, loop: asyncio.AbstractEventLoop, factory: Callable[[], Coroutine[Any, Any, Any]]
@@ -409,14 +460,24 @@ class _Remote:
         self.loop = loop
         self.task: asyncio.Task[Any] | None = None
         self.done = threading.Event()
+        self.token = object()  # refers to nothing: lingering tasks keep no step alive
+        self.sent_at = self.last_poll = time.perf_counter()
+        self.started_at: float | None = None
+        self.probe_sent: float | None = None
+        self.probe_answered: float | None = None
+        self.blocked_by_other_work = False
+        self.stalled = 0.0
         # The coroutine is made on the loop (none is left un-awaited if the loop is
         # closed already), and runs in a copy of the caller's context, as if it ran here.
+        context = contextvars.copy_context()
+        context.run(_STEP_TOKEN.set, self.token)
         try:
-            loop.call_soon_threadsafe(self._start, factory, context=contextvars.copy_context())
+            loop.call_soon_threadsafe(self._start, factory, context=context)
         except RuntimeError as exc:  # "Event loop is closed"
-            raise _LoopGoneError(str(exc)) from exc
+            raise _NotSentError(str(exc)) from exc
 
     def _start(self, factory: Callable[[], Coroutine[Any, Any, Any]]) -> None:
+        self.started_at = time.perf_counter()
         self.task = self.loop.create_task(factory())
         self.task.add_done_callback(lambda _: self.done.set())
 
@@ -433,25 +494,83 @@ class _Remote:
             await asyncio.sleep(0)
         await asyncio.wait([self.task])  # type: ignore[list-item]
 
-    def pump(self, holder: _LoopHolder) -> None:
-        """Run ``holder``'s loop until the task is done, whenever no other thread runs it."""
+    # -- how long the loop kept the step waiting -------------------------------------
+    def probe(self) -> None:
+        """Called by the waiting caller every ``_POLL`` s: is the loop held up elsewhere?
+
+        A probe still unanswered at the next call means the loop was busy over the whole
+        interval; it counts if the loop is then running other work. Once the probe is
+        answered, the part of the interval before the answer counts as the interval
+        before it did, and a new probe is sent.
+        """
+        now = time.perf_counter()
+        if self.started_at is not None:
+            if self.probe_sent is not None and self.probe_answered is None:
+                self.blocked_by_other_work = not self._running_own_task()
+                if self.blocked_by_other_work:
+                    self.stalled += now - self.last_poll
+            else:
+                self._count_tail()
+                self.probe_sent, self.probe_answered = now, None
+                with contextlib.suppress(RuntimeError):  # closed: the wait notices
+                    self.loop.call_soon_threadsafe(self._answer)
+        self.last_poll = now
+
+    def _answer(self) -> None:
+        self.probe_answered = time.perf_counter()
+
+    def _count_tail(self) -> None:
+        """Count the end of a block of other work: from the last call to the answer."""
+        answered = self.probe_answered
+        if self.blocked_by_other_work and answered is not None:
+            self.stalled += max(0.0, answered - self.last_poll)
+        self.blocked_by_other_work = False
+
+    def _running_own_task(self) -> bool:
+        """Whether the loop's thread is running this step's work right now.
+
+        That is this step's own task (or one it made in its context), or any parallel
+        step's agent: agents run in copies of their step's context, made before the
+        step was sent, so they are known by the turnstile set in it, not by this token.
+        """
+        try:
+            task = asyncio.current_task(self.loop)  # read from another thread: a lookup
+        except Exception:  # a loop asyncio knows nothing about: assume the step's own
+            return True
+        if task is None:  # a plain callback (or nothing): not a step's
+            return False
+        context = task.get_context()
+        return context.get(_STEP_TOKEN) is self.token or context.get(current_turnstile) is not None
+
+    def stalled_time(self) -> float:
+        """Seconds the step waited for the loop while the loop did other work."""
+        started = self.started_at if self.started_at is not None else time.perf_counter()
+        self._count_tail()
+        return (started - self.sent_at) + self.stalled
+
+    # -- waiting ----------------------------------------------------------------------
+    def run_loop_while_idle(self, persistent: _PersistentLoop) -> None:
+        """Run ``persistent``'s loop until the task is done, whenever no other thread does.
+
+        The target of a helper thread, for a caller that runs another loop itself.
+        """
         loop = self.loop
         while not self.done.is_set() and not loop.is_closed():
-            if holder.lock.acquire(timeout=_POLL):
+            if persistent.run_lock.acquire(timeout=_POLL):
                 try:
-                    self._drive_once()
+                    self._run_loop_once()
                 except BaseException:  # noqa: S110 - another caller's task ended this run
-                    pass  # (its own caller gets that exception); keep driving for ours
+                    pass  # (its own caller gets that exception); keep running it for ours
                 finally:
-                    holder.lock.release()
+                    persistent.run_lock.release()
 
-    def _drive_once(self) -> None:
-        """Run the loop (whose holder's lock this thread holds) until the task is done."""
+    def _run_loop_once(self) -> None:
+        """Run the loop (whose ``run_lock`` this thread holds) until the task is done."""
         if not self.done.is_set() and not self.loop.is_closed():
             self.loop.run_until_complete(self._finished())
 
-    def wait_owned(self, holder: _LoopHolder) -> Any:
-        """Block until the task on ``holder``'s loop is done, running the loop when idle.
+    def wait_running_loop_while_idle(self, persistent: _PersistentLoop) -> Any:
+        """Block until the task is done, running ``persistent``'s loop when nobody does.
 
         While another thread runs the loop (a step's caller, another worker), this one
         only waits. Whenever nobody runs it, this thread (which runs no loop) does.
@@ -461,31 +580,37 @@ class _Remote:
             while not self.done.is_set():
                 if loop.is_closed():
                     raise _LoopGoneError("the model's home loop was closed before the step ended")
-                if loop.is_running() or not holder.lock.acquire(timeout=_POLL):
+                if loop.is_running() or not persistent.run_lock.acquire(timeout=_POLL):
+                    self.probe()  # another thread runs it
                     self.done.wait(_POLL)
                     continue
                 try:
-                    self._drive_once()
+                    self.blocked_by_other_work = False  # this thread runs it from now on
+                    self._run_loop_once()
                 except (Exception, KeyboardInterrupt):
                     raise
                 except BaseException:  # noqa: S110 - another caller's task ended this run
-                    pass  # (its own caller gets that exception); keep driving for ours
+                    pass  # (its own caller gets that exception); keep running it for ours
                 finally:
-                    holder.lock.release()
+                    persistent.run_lock.release()
         except BaseException:
             self.cancel()
-            if holder.lock.acquire(blocking=False):  # nobody runs it: let the task unwind
+            if persistent.run_lock.acquire(blocking=False):  # nobody runs it: let it unwind
                 try:
                     with contextlib.suppress(BaseException):
                         loop.run_until_complete(asyncio.wait_for(self._finished(), _UNWIND_TIMEOUT))
                 finally:
-                    holder.lock.release()
+                    persistent.run_lock.release()
             self.done.wait(_UNWIND_TIMEOUT)
             raise
         return self.task.result()  # type: ignore[union-attr]
 
-    def wait(self, holder: _LoopHolder | None) -> Any:
-        """Block until the task is done; return its result or raise its exception."""
+    def wait_for_other_thread(self, persistent: _PersistentLoop | None) -> Any:
+        """Block until the task is done; return its result or raise its exception.
+
+        The loop is run by another thread: its own (``persistent`` None) or, for a
+        persistent loop, whichever thread holds its ``run_lock``.
+        """
         loop = self.loop
         try:
             # In short waits: a Ctrl-C delivered to another thread is noticed by this
@@ -493,12 +618,13 @@ class _Remote:
             while not self.done.wait(_POLL):
                 # A loop that its own thread runs has stopped once it ran this task
                 # (a loop thread that has not started yet is not "stopped").
-                stopped = holder is None and self.task is not None and not loop.is_running()
+                stopped = persistent is None and self.task is not None and not loop.is_running()
                 if loop.is_closed() or stopped:
                     raise _LoopGoneError(
                         "the event loop this step was sent to (the model's home loop) "
                         "was stopped before the step finished"
                     )
+                self.probe()
         except BaseException:
             self.cancel()
             self.done.wait(_UNWIND_TIMEOUT)
@@ -506,50 +632,9 @@ class _Remote:
         return self.task.result()  # type: ignore[union-attr]
 
 
-def _send(
-    loop: asyncio.AbstractEventLoop,
-    factory: Callable[[], Coroutine[Any, Any, Any]],
-    holder: _LoopHolder | None = None,
-) -> Any:
-    """Run the coroutine on ``loop`` and block this thread until it is done.
-
-    Without ``holder`` the loop is running in its own thread (the background loop, a
-    kernel's, a UI server's). With one it is a persistent loop of ours: whenever no
-    other thread runs it, this thread runs it if it runs no loop itself, or else a
-    helper thread does.
-    """
-    remote = _Remote(loop, factory)
-    if holder is None:
-        return remote.wait(None)
-    if asyncio._get_running_loop() is None:
-        return remote.wait_owned(holder)
-    threading.Thread(
-        target=remote.pump, args=(holder,), name="mesa-llm-parallel-loop", daemon=True
-    ).start()
-    return remote.wait(holder)
-
-
-def _drive(holder: _LoopHolder, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run the coroutine on ``holder``'s loop from this thread, which runs no loop.
-
-    If another thread is running that loop right now, the coroutine joins its run.
-    """
-    if holder.lock.acquire(blocking=False):
-        try:
-            return _run_until_complete(holder.loop, factory(), shared=True)
-        finally:
-            holder.lock.release()
-    return _send(holder.loop, factory, holder)
-
-
-def run_on_thread_loop(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
-    """Run a coroutine on the calling thread's persistent loop (no loop runs here)."""
-    return _drive(_thread_holder(), factory)
-
-
 # -- homes --------------------------------------------------------------------------
 class _Home:
-    """Where a model's asyncio steps run: one loop, and its holder if the loop is ours.
+    """Where a model's asyncio steps run: one loop, and its keeper if the loop is ours.
 
     Kept in the model's own state (``_state``), not in a registry of this module: the
     home then lives exactly as long as the model, and a loop that refers back to the
@@ -558,15 +643,13 @@ class _Home:
     step chooses their own. A home made before a fork is not used in the child.
     """
 
-    __slots__ = ("generation", "holder", "loop")
+    __slots__ = ("generation", "loop", "persistent")
 
-    def __init__(self, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
+    def __init__(self, loop: asyncio.AbstractEventLoop, persistent: _PersistentLoop | None) -> None:
         self.loop = loop
-        self.holder = holder  # keeps a persistent loop open while the model lives
+        self.persistent = persistent  # keeps a persistent loop open while the model lives
         self.generation = _generation
 
-
-_HOMELESS: Final = object()
 
 #: Loops that are (or were) some model's home, for wait_event.
 _home_loops: weakref.WeakSet[asyncio.AbstractEventLoop] = weakref.WeakSet()
@@ -586,52 +669,18 @@ def home_loop(model: Any) -> asyncio.AbstractEventLoop | None:
     return None if home is None else home.loop
 
 
-def _set_home(model: Any, loop: asyncio.AbstractEventLoop, holder: _LoopHolder | None) -> None:
+def _set_home(
+    model: Any, loop: asyncio.AbstractEventLoop, persistent: _PersistentLoop | None
+) -> None:
     if model is None:
         return
     current = _home_of(model)
     if current is not None and current.loop is loop:
-        return  # with loop="background", every step: nothing to change
+        return  # the home it has: nothing to change
     state = state_of(model)
     if state is not None:  # no __dict__: no home
-        state.home = _Home(loop, holder)
+        state.home = _Home(loop, persistent)
         _home_loops.add(loop)
-
-
-def _run_at_home(
-    home: _Home,
-    running: asyncio.AbstractEventLoop | None,
-    factory: Callable[[], Coroutine[Any, Any, Any]],
-) -> Any:
-    """Run the step on the model's home loop; ``_HOMELESS`` if that cannot be done."""
-    loop = home.loop
-    if loop is running:
-        if not _may_nest(loop):
-            return _HOMELESS
-        _check_depth(loop)
-        _local.last_path = "running_loop"
-        return _run_nested(loop, factory())
-    bg = _background
-    holder = home.holder
-    if bg is not None and loop is bg.loop:
-        _local.last_path = "background"
-    elif running is None and holder is not None and holder is getattr(_local, "holder", None):
-        _local.last_path = "thread_loop"
-    else:
-        _local.last_path = "home_loop"
-    if holder is None:  # a loop that its own thread runs: send the step there
-        if not loop.is_running():
-            return _HOMELESS  # stopped, and not ours to run
-        try:
-            remote = _Remote(loop, factory)
-        except _LoopGoneError:
-            return _HOMELESS
-        return remote.wait(None)
-    if running is None:
-        return _drive(holder, factory)
-    # A different loop runs in this thread, and asyncio allows one per thread: a helper
-    # thread runs the home loop while this one waits (as it would for a sequential step).
-    return _send(loop, factory, holder)
 
 
 def _check_depth(loop: asyncio.AbstractEventLoop) -> None:
@@ -643,6 +692,172 @@ def _check_depth(loop: asyncio.AbstractEventLoop) -> None:
             "astep calls a blocking shuffle_do, or tasks that each call model.step()). "
             "Await instead: 'await ashuffle_do(agents)' in async code."
         )
+
+
+# -- choosing where a step runs -----------------------------------------------------
+#: Which thread runs the chosen loop while the step runs there:
+#: ``"caller_nested"``: the calling thread, inside the run of that loop already going on
+#: in it (a nested run); ``"caller"``: the calling thread, which runs no loop, whenever
+#: no other thread runs this persistent loop (else it waits for, and joins, their run);
+#: ``"loop_thread"``: the loop's own thread (a kernel's, a UI server's, the background
+#: loop thread), while the caller waits; ``"helper"``: a helper thread, whenever no
+#: other thread runs this persistent loop, while the caller (which runs another loop)
+#: waits.
+RunBy = Literal["caller_nested", "caller", "loop_thread", "helper"]
+
+
+class LoopChoice(NamedTuple):
+    """Where one asyncio step runs: the answer of :func:`choose_loop`.
+
+    A named tuple rather than a frozen dataclass: one is made for every step, and it is
+    the cheaper of the two to make.
+
+    Attributes:
+        path: What :func:`last_loop_path` reports for the step.
+        loop: The event loop the step's coroutine runs on.
+        run_by: Which thread runs ``loop`` meanwhile (see ``RunBy``).
+        persistent: The loop's keeper when it is one of the library's persistent loops
+            (any thread may run it, one at a time), else None.
+        at_home: Whether ``loop`` is the model's home already (else it becomes it).
+    """
+
+    path: LoopPath
+    loop: asyncio.AbstractEventLoop
+    run_by: RunBy
+    persistent: _PersistentLoop | None = None
+    at_home: bool = False
+
+
+def _choice_at_home(home: _Home, running: asyncio.AbstractEventLoop | None) -> LoopChoice | None:
+    """Where a step of a model with ``home`` runs; None if the home cannot be used."""
+    loop, persistent = home.loop, home.persistent
+    if loop is running:
+        if not _may_nest(loop):
+            return None
+        return LoopChoice("running_loop", loop, "caller_nested", at_home=True)
+    background = _background
+    path: LoopPath
+    if background is not None and loop is background.loop:
+        path = "background"
+    elif (
+        running is None
+        and persistent is not None
+        and persistent is getattr(_local, "own_loop", None)
+    ):
+        path = "thread_loop"
+    else:
+        path = "home_loop"
+    if persistent is None:  # a loop that its own thread runs: the step is sent there
+        if not loop.is_running():
+            return None  # stopped, and not ours to run
+        return LoopChoice(path, loop, "loop_thread", at_home=True)
+    # With another loop running in this thread (asyncio allows one per thread), a
+    # helper thread runs the home loop while this one waits, as for a sequential step.
+    run_by: RunBy = "caller" if running is None else "helper"
+    return LoopChoice(path, loop, run_by, persistent, at_home=True)
+
+
+def choose_loop(
+    model: Any,
+    loop_policy: Literal["auto", "background"] = "auto",
+    running: asyncio.AbstractEventLoop | None = None,
+    *,
+    use_home: bool = True,
+) -> LoopChoice:
+    """Decide where an asyncio step of ``model`` started in this thread runs.
+
+    Every blocking entry point (:func:`run_coroutine_sync`, :func:`run_on_thread_loop`,
+    :func:`prepare_home`) asks this one function; the rules are the module's.
+
+    Args:
+        model: The model whose step it is, or None (no home is used or chosen).
+        loop_policy: The ``loop`` setting: ``"auto"`` or ``"background"``.
+        running: The loop running in the calling thread, or None.
+        use_home: False to ignore the model's home (it was found unusable).
+
+    Returns:
+        The choice. It only decides: the caller records the home (``_set_home``).
+    """
+    if use_home and loop_policy == "auto" and model is not None:
+        home = _home_of(model)
+        if home is not None:
+            choice = _choice_at_home(home, running)
+            if choice is not None:
+                return choice
+            logger.info(
+                "mesa_llm_parallel: the home event loop of %r has stopped and is not the "
+                "library's to run; the model gets a new one",
+                model,
+            )
+    too_deep = running is not None and _nest_depth.get(running, 0) >= MAX_NESTED_STEPS
+    if loop_policy == "background" or (
+        running is not None and (too_deep or not _may_nest(running))
+    ):
+        # Any running loop but a kernel's or the library's own is left alone: the step
+        # runs on the background loop thread while this thread blocks, unless it is
+        # started by an agent on that very loop (a blocking step of sub-agents).
+        background = _background_loop_thread().loop
+        run_by: RunBy = "caller_nested" if running is background else "loop_thread"
+        return LoopChoice("background", background, run_by)
+    if running is None:
+        own = _loop_of_this_thread()
+        return LoopChoice("thread_loop", own.loop, "caller", own)
+    return LoopChoice("running_loop", running, "caller_nested")
+
+
+def _run_choice(choice: LoopChoice, factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run the coroutine made by ``factory()`` where ``choice`` says, and block until done.
+
+    The one place that records the calling thread's :func:`last_loop_path` (when the
+    step starts) and :func:`last_stalled_time` (when it ends).
+    """
+    _local.last_path = choice.path
+    loop, persistent = choice.loop, choice.persistent
+    sent: _SentStep | None = None
+    try:
+        if choice.run_by == "caller_nested":
+            _check_depth(loop)
+            if not _may_nest(loop):
+                raise RuntimeError(
+                    "cannot run a blocking parallel step on the library's background loop "
+                    "thread; use 'await ashuffle_do(...)' from async code"
+                )
+            return _run_nested(loop, factory())
+        if choice.run_by == "caller" and persistent is not None:
+            if persistent.run_lock.acquire(blocking=False):
+                try:
+                    return _run_until_complete(loop, factory(), shared=True)
+                finally:
+                    persistent.run_lock.release()
+            # Another thread runs it right now: the coroutine joins that run.
+            sent = _SentStep(loop, factory)
+            return sent.wait_running_loop_while_idle(persistent)
+        sent = _SentStep(loop, factory)
+        if choice.run_by == "helper" and persistent is not None:
+            threading.Thread(
+                target=sent.run_loop_while_idle,
+                args=(persistent,),
+                name="mesa-llm-parallel-loop",
+                daemon=True,
+            ).start()
+        return sent.wait_for_other_thread(persistent)
+    finally:
+        _local.last_stalled = 0.0 if sent is None else sent.stalled_time()
+
+
+def last_stalled_time() -> float:
+    """Seconds the calling thread's most recent asyncio step was held up by its loop.
+
+    That is the time the step waited for an event loop run by another thread while
+    that loop was busy with other work (see :class:`_SentStep` for how it is measured);
+    0.0 when the step ran on a loop this thread ran, or before any step.
+    """
+    return getattr(_local, "last_stalled", 0.0)
+
+
+def run_on_thread_loop(factory: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run a coroutine on the calling thread's persistent loop (no loop runs here)."""
+    return _run_choice(choose_loop(None, "auto", None), factory)
 
 
 def wait_event(event: threading.Event, timeout: float | None = None) -> bool:
@@ -682,28 +897,12 @@ def prepare_home(model: Any, loop_policy: Literal["auto", "background"] = "auto"
     the step: the loop running in this thread (a notebook cell), or a persistent loop of
     the library's that nobody runs right now. Otherwise another thread runs it.
     """
-    running = asyncio._get_running_loop()
-    if loop_policy == "auto":
-        home = _home_of(model)
-        if home is not None:
-            loop = home.loop
-            if loop is running:
-                if _may_nest(loop):
-                    return True
-            elif home.holder is not None:
-                return running is None and not loop.is_running()
-            elif loop.is_running():
-                return False  # its own thread runs it
-    if loop_policy == "background" or (running is not None and not _may_nest(running)):
-        bg = _background_loop()
-        _set_home(model, bg.loop, None)
-        return running is bg.loop and _may_nest(running)
-    if running is None:
-        holder = _thread_holder()
-        _set_home(model, holder.loop, holder)
-        return not holder.loop.is_running()
-    _set_home(model, running, None)
-    return True
+    choice = choose_loop(model, loop_policy, asyncio._get_running_loop())
+    if not choice.at_home:
+        _set_home(model, choice.loop, choice.persistent)
+    if choice.run_by == "caller_nested":
+        return _may_nest(choice.loop)
+    return choice.run_by == "caller" and not choice.loop.is_running()
 
 
 def run_coroutine_sync(
@@ -715,66 +914,36 @@ def run_coroutine_sync(
     """Run the coroutine made by ``factory()`` to completion and return its result.
 
     With ``model``, the coroutine runs on the model's home loop, which the first call
-    for that model chooses (see the module's documentation). The coroutine is created
-    only once the loop that runs it has been chosen, so no "coroutine was never
-    awaited" warning can arise on any path.
+    for that model chooses (see the module's documentation and :func:`choose_loop`).
+    The coroutine is created only once the loop that runs it has been chosen, so no
+    "coroutine was never awaited" warning can arise on any path.
     """
+    running = asyncio._get_running_loop()
+    choice = choose_loop(model, loop_policy, running)
+    if not choice.at_home:
+        _set_home(model, choice.loop, choice.persistent)
     try:
-        running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
-    except RuntimeError:
-        running = None
-
-    if loop_policy == "auto" and model is not None:
-        home = _home_of(model)
-        if home is not None:
-            result = _run_at_home(home, running, factory)
-            if result is not _HOMELESS:
-                return result
-            logger.info(
-                "mesa_llm_parallel: the home event loop of %r has stopped and is not the "
-                "library's to run; the model gets a new one",
-                model,
-            )
-
-    too_deep = running is not None and _nest_depth.get(running, 0) >= MAX_NESTED_STEPS
-    if loop_policy == "background" or (
-        running is not None and (too_deep or not _may_nest(running))
-    ):
-        # Any running loop but a kernel's or the library's own is left alone: the step
-        # runs on the background loop thread while this thread blocks.
-        _local.last_path = "background"
-        bg = _background_loop()
-        _set_home(model, bg.loop, None)
-        if running is bg.loop:  # a blocking step inside an agent on that very loop
-            _check_depth(running)
-            if not _may_nest(running):
-                raise RuntimeError(
-                    "cannot run a blocking parallel step on the library's background loop "
-                    "thread; use 'await ashuffle_do(...)' from async code"
-                )
-            return _run_nested(running, factory())
-        return bg.run(factory)
-    if running is None:
-        _local.last_path = "thread_loop"
-        holder = _thread_holder()
-        _set_home(model, holder.loop, holder)
-        return _drive(holder, factory)
-    _local.last_path = "running_loop"
-    _set_home(model, running, None)
-    return _run_nested(running, factory())
+        return _run_choice(choice, factory)
+    except _NotSentError:
+        if not choice.at_home:
+            raise
+    # The home loop was closed between the choice and the sending: choose anew.
+    choice = choose_loop(model, loop_policy, running, use_home=False)
+    _set_home(model, choice.loop, choice.persistent)
+    return _run_choice(choice, factory)
 
 
 def close_loops() -> None:
     """Stop the background loop thread and close every idle persistent loop."""
     global _background
     with _background_lock:
-        bg, _background = _background, None
-    if bg is not None:
-        bg.stop()
-    with _holders_lock:
-        holders = list(_holders)
-    for holder in holders:
-        holder.close()
+        background, _background = _background, None
+    if background is not None:
+        background.stop()
+    with _persistent_loops_lock:
+        persistent_loops = list(_persistent_loops)
+    for persistent in persistent_loops:
+        persistent.close()
 
 
 def _reset_after_fork() -> None:
@@ -785,12 +954,12 @@ def _reset_after_fork() -> None:
     they held stay held. Everything is made anew on first use; models' homes from before
     the fork are ignored (``_Home.generation``), so their next step chooses a new one.
     """
-    global _local, _generation, _holders, _holders_lock, _nest_lock, _nested_loops  # noqa: PLW0603
-    global _background, _background_lock, _home_loops  # noqa: PLW0603
+    global _local, _generation, _persistent_loops, _persistent_loops_lock  # noqa: PLW0603
+    global _nest_lock, _nested_loops, _background, _background_lock, _home_loops  # noqa: PLW0603
     _generation += 1
     _local = threading.local()
-    _holders = weakref.WeakSet()
-    _holders_lock = threading.Lock()
+    _persistent_loops = weakref.WeakSet()
+    _persistent_loops_lock = threading.Lock()
     _nest_lock = threading.Lock()
     _nested_loops = weakref.WeakSet()
     _background = None

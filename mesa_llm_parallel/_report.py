@@ -17,7 +17,7 @@ import os
 import threading
 import weakref
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Final
 
 from mesa_llm_parallel._placement import Placement
 from mesa_llm_parallel._state import state_of
@@ -50,6 +50,13 @@ class AgentFailure:
     timed_out: bool = False
 
 
+#: A step is :attr:`StepReport.stalled` when its ``stalled_time`` exceeds this share of
+#: its ``wall_time`` ...
+STALL_SHARE: Final = 0.25
+#: ... and this many seconds.
+STALL_MIN_SECONDS: Final = 0.1
+
+
 @dataclasses.dataclass(frozen=True, slots=True)
 class StepReport:
     """The figures of one parallel step.
@@ -76,6 +83,19 @@ class StepReport:
             the classes first started. In asyncio mode a class of sync agents may
             appear twice: observed in the thread pool, then inline (see
             ``run_sync_inline``).
+        stalled_time: Seconds of ``wall_time`` during which the step waited for its
+            event loop while that loop, run by another thread, was busy with other
+            work: typically a panel's step sent to a notebook kernel's loop while a
+            cell runs synchronous code. It counts the delay between sending the step
+            to the loop and the loop starting it, plus, while the step runs there,
+            every 50 ms poll interval over which the loop did not answer a probe and
+            was running something other than the step itself or a parallel step's
+            agents (a loop kept busy by agents does not count; blocks shorter than
+            one interval are not seen). As far as the library can tell: other
+            asyncio code on that loop that keeps it busy counts too. 0.0 when the
+            calling thread runs the step's loop itself (a script, ``asyncio.run``, a
+            cell's own step), in threading mode, and for the awaitable entry points.
+            See :attr:`stalled`.
     """
 
     mode: str
@@ -92,6 +112,7 @@ class StepReport:
     interrupted: bool = False
     stuck_threads: int = 0
     placement: tuple[Placement, ...] = ()
+    stalled_time: float = 0.0
 
     @property
     def timed_out(self) -> tuple[AgentFailure, ...]:
@@ -108,6 +129,19 @@ class StepReport:
         """Summed agent time over wall time: how many agents' worth of work overlapped."""
         return self.busy_time / self.wall_time if self.wall_time > 0 else 0.0
 
+    @property
+    def stalled(self) -> bool:
+        """Whether a busy event loop, not the agents, made this step slow.
+
+        True when :attr:`stalled_time` is more than a quarter of ``wall_time`` and more
+        than 0.1 s (``STALL_SHARE`` and ``STALL_MIN_SECONDS``): long enough to notice,
+        and too large a share for the step's figures (its ``speedup``) to describe the
+        agents. The thresholds are this library's choice, not measured constants.
+        """
+        return self.stalled_time > STALL_MIN_SECONDS and (
+            self.stalled_time > STALL_SHARE * self.wall_time
+        )
+
     def summary(self) -> str:
         """One line for logs and status displays."""
         parts = [
@@ -121,6 +155,8 @@ class StepReport:
         ]
         if self.stuck_threads:
             parts.append(f"{self.stuck_threads} stuck thread(s)")
+        if self.stalled:
+            parts.append(f"stalled {self.stalled_time:.1f} s by a busy event loop")
         if self.interrupted:
             parts.append("interrupted")
         return ", ".join(parts)

@@ -518,3 +518,112 @@ def test_many_models_stepping_at_once_in_an_executor(mode):
         assert peak > 1  # each model's agents overlapped
         assert loops == {id(mlp.home_loop(model))}  # one loop per model, its home
         assert steps_of(model) == steps
+
+
+# -- steps held up by a busy loop of another thread ------------------------------------
+BLOCK = 1.5  # how long the other thread's loop is blocked, in seconds
+
+
+def block(loop_thread: LoopThread) -> None:
+    """Make the other thread's loop run synchronous code for BLOCK s, as a busy cell does."""
+    loop_thread.loop.call_soon_threadsafe(time.sleep, BLOCK)
+
+
+def test_a_step_sent_to_a_loop_busy_with_other_work_is_stalled(loop_thread, as_if_in_a_kernel):
+    model = Calls(delay=0.01)
+    loop_thread.call(step_and_path, model)  # home: the loop the other thread runs
+    block(loop_thread)  # before the step is sent: the loop starts it only afterwards
+    assert step_and_path(model) == "home_loop"
+    report = mlp.last_step_report(model)
+    assert report.stalled_time >= BLOCK - 0.5
+    assert report.stalled_time <= report.wall_time
+    assert report.stalled
+    assert "stalled" in report.summary()
+
+
+def test_a_loop_blocked_while_the_step_runs_there_stalls_it(loop_thread, as_if_in_a_kernel):
+    model = Calls(delay=0.01)
+    loop_thread.call(step_and_path, model)
+    model.gate = threading.Event()
+
+    def block_once_all_started() -> None:
+        deadline = time.monotonic() + WAIT
+        while model.in_flight < len(model.agents) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        block(loop_thread)
+        model.gate.set()
+
+    threading.Thread(target=block_once_all_started, daemon=True).start()
+    model.step()
+    report = mlp.last_step_report(model)
+    assert report.failures == ()
+    assert report.stalled_time >= BLOCK - 0.5
+    assert report.stalled
+
+
+def test_a_step_sent_to_an_idle_loop_of_another_thread_is_not_stalled(
+    loop_thread, as_if_in_a_kernel
+):
+    model = Calls(delay=0.3)
+    loop_thread.call(step_and_path, model)
+    assert step_and_path(model) == "home_loop"
+    report = mlp.last_step_report(model)
+    assert report.stalled_time < 0.5  # at most a few poll intervals misread on a busy machine
+    assert not report.stalled
+    assert "stalled" not in report.summary()
+
+
+def test_agents_keeping_the_loop_busy_do_not_stall_their_own_step(loop_thread, as_if_in_a_kernel):
+    class Busy(Caller):
+        async def astep(self) -> None:
+            time.sleep(0.3)  # noqa: ASYNC251 - blocks the loop: the step's own work
+            await super().astep()
+
+    model = Calls(n=0)
+    create_agents(Busy, model, 5)
+    loop_thread.call(step_and_path, model)
+    assert step_and_path(model) == "home_loop"
+    report = mlp.last_step_report(model)
+    assert report.wall_time >= 1.5  # the loop was blocked for most of the step
+    assert report.stalled_time < 0.5  # at most a few poll intervals misread on a busy machine
+    assert not report.stalled
+
+
+def test_a_step_on_a_loop_the_calling_thread_runs_is_never_stalled(as_if_in_a_kernel):
+    model = Calls()
+    assert step_and_path(model) == "thread_loop"
+    assert mlp.last_step_report(model).stalled_time == 0.0
+
+    other = Calls()
+
+    async def cell_with(model: Calls) -> str | None:
+        return step_and_path(model)
+
+    assert asyncio.run(cell_with(other)) == "running_loop"
+    assert mlp.last_step_report(other).stalled_time == 0.0
+
+
+def test_one_choice_says_which_thread_runs_which_loop(loop_thread, as_if_in_a_kernel):
+    fresh = Calls()
+    choice = _loops.choose_loop(fresh, "auto", None)  # a script: this thread's own loop
+    assert (choice.path, choice.run_by, choice.at_home) == ("thread_loop", "caller", False)
+    assert choice.loop is _loops.thread_loop()
+    assert mlp.home_loop(fresh) is None  # choosing records nothing
+
+    elsewhere = Calls()
+    loop_thread.call(step_and_path, elsewhere)
+    choice = _loops.choose_loop(elsewhere, "auto", None)
+    assert (choice.path, choice.run_by, choice.at_home) == ("home_loop", "loop_thread", True)
+    assert choice.loop is loop_thread.loop
+
+    mine = Calls()
+    mine.step()  # home: this thread's persistent loop
+
+    async def button_handler() -> _loops.LoopChoice:  # another loop runs in this thread
+        return _loops.choose_loop(mine, "auto", asyncio.get_running_loop())
+
+    choice = asyncio.run(button_handler())
+    assert (choice.path, choice.run_by) == ("home_loop", "helper")
+    assert choice.loop is mlp.home_loop(mine)
+    choice = _loops.choose_loop(mine, "background", None)
+    assert (choice.path, choice.run_by, choice.at_home) == ("background", "loop_thread", False)
