@@ -102,8 +102,8 @@ class StepTime(NamedTuple):
             step=step,
             mode=report.mode,
             failures=len(report.failures),
-            stalled_time=_stalled_time(report),
-            stalled=_stalled(report),
+            stalled_time=report.stalled_time,
+            stalled=report.stalled,
         )
 
     @property
@@ -169,14 +169,6 @@ def pool_use(report: StepReport) -> str:
     if in_pool:
         return f"{size}: {in_pool} sync agent{'s' if in_pool != 1 else ''}"
     return f"{size}, not used (astep ran on the event loop)"
-
-
-def _stalled_time(report: StepReport) -> float:
-    return getattr(report, "stalled_time", 0.0)
-
-
-def _stalled(report: StepReport) -> bool:
-    return bool(getattr(report, "stalled", False))
 
 
 def _cap(report: StepReport) -> str:
@@ -289,11 +281,11 @@ def figures(
         Row("Thread pool", pool_use(report), "pool"),
         Row("Failures", failures, "failures", alert=bool(failed)),
     ]
-    if _stalled(report):
+    if report.stalled:
         rows.append(
             Row(
                 "Stalled",
-                f"{format_seconds(_stalled_time(report))} of it waiting for a busy event loop "
+                f"{format_seconds(report.stalled_time)} of it waiting for a busy event loop "
                 "(a running cell?)",
                 "stalled",
                 alert=True,

@@ -95,3 +95,39 @@ def test_a_background_step_waiting_for_a_busy_cell_is_reported_stalled(kernel):
     )
     assert blocked_midway["stalled"] is True
     assert blocked_midway["stalled_time"] >= BLOCK - 0.5
+
+
+PANEL = """
+from mesa_llm_parallel.widgets import ParallelSteppingPanel
+
+panel = ParallelSteppingPanel(m)
+
+
+async def show_panel_after_step():
+    while panel.running:
+        await asyncio.sleep(0.05)
+    point = panel.step_times[-1]
+    rows = panel.figures_html.value
+    print("PANEL " + json.dumps([
+        point.stalled,
+        "mlp-row-stalled" in rows,
+        "waiting for a busy event loop" in rows,
+        "mlp-stalled" in panel.chart_html.value,
+        "stalled (loop busy)" in panel.chart_html.value,
+    ]))
+"""
+
+
+def test_the_panel_marks_a_step_stalled_by_a_busy_cell(kernel):
+    """The panel's own step, held up by a busy cell, is marked in its table and chart."""
+    kernel.run(SETUP + BACKGROUND + PANEL)
+
+    def shown_after(cell: str) -> list[bool]:
+        kernel.run(cell)
+        output = kernel.run("await show_panel_after_step()")
+        lines = [line for line in output.splitlines() if line.startswith("PANEL ")]
+        assert lines, f"nothing printed; the cell printed:\n{output}"
+        return json.loads(lines[-1][len("PANEL ") :])
+
+    assert shown_after("panel.step()") == [False] * 5  # an idle kernel: not stalled
+    assert shown_after(f"panel.step()\ntime.sleep({BLOCK})") == [True] * 5
