@@ -33,13 +33,14 @@ import math
 from collections.abc import Sequence
 from typing import Final, NamedTuple
 
-from mesa_llm_parallel._placement import POOL
+from mesa_llm_parallel._placement import HOME_LOOP, POOL
 from mesa_llm_parallel._report import StepReport
 
 __all__ = [
     "CHART_HEIGHT",
     "CHART_WIDTH",
     "COLOURS",
+    "HISTORY_LENGTH",
     "Figures",
     "Row",
     "StepTime",
@@ -50,6 +51,9 @@ __all__ = [
     "format_seconds",
     "pool_use",
 ]
+
+#: How many recent steps the front ends keep and chart.
+HISTORY_LENGTH: Final = 50
 
 #: Size of the step-time chart, in CSS pixels (legend included).
 CHART_WIDTH: Final = 360
@@ -65,6 +69,8 @@ COLOURS: Final = {
 }
 
 _MUTED: Final = "#666"
+#: Figures of an older step: clearly lighter than the current ones.
+_OLD: Final = "#9e9e9e"
 
 
 class StepTime(NamedTuple):
@@ -113,9 +119,8 @@ class StepTime(NamedTuple):
 
     def describe(self) -> str:
         """One line: step number, time, kind, and a stall or failures if any."""
-        parts = [format_seconds(self.seconds), self.kind if self.parallel else "sequential"]
-        if self.parallel and self.mode is None:
-            parts[1] = "parallel"
+        kind = (self.mode or "parallel") if self.parallel else "sequential"
+        parts = [kind] if math.isnan(self.seconds) else [format_seconds(self.seconds), kind]
         if self.stalled:
             parts.append(f"stalled {format_seconds(self.stalled_time)} by a busy event loop")
         if self.failures:
@@ -157,15 +162,22 @@ def _tick_label(seconds: float) -> str:
 def pool_use(report: StepReport) -> str:
     """What the step's thread pool was used for, in a few words.
 
-    In threading mode every agent's ``step`` runs in the pool. In asyncio mode agents'
-    ``astep`` run on the event loop and the pool only runs sync agents (those without
-    ``astep``, unless they run inline); the figure counts them from
+    In threading mode every agent's ``step`` runs in the pool, except agents with only an
+    ``astep``, which run on the model's home loop. In asyncio mode agents' ``astep`` run
+    on the event loop and the pool only runs sync agents (those without ``astep``,
+    unless they run inline). The figure counts them from
     :attr:`StepReport.placement <mesa_llm_parallel.StepReport.placement>`.
     """
     size = f"{report.pool_size} thread{'s' if report.pool_size != 1 else ''}"
-    if report.mode == "threading":
-        return f"{size}: every agent's step"
     in_pool = sum(p.agents for p in report.placement if p.where == POOL)
+    if report.mode == "threading":
+        on_loop = sum(p.agents for p in report.placement if p.where == HOME_LOOP)
+        if not on_loop:
+            return f"{size}: every agent's step"
+        loop_part = f"{on_loop} async agent{'s' if on_loop != 1 else ''} on the model's loop"
+        if not in_pool:
+            return f"{size}, not used ({loop_part})"
+        return f"{size}: {in_pool} agent{'s' if in_pool != 1 else ''}' step ({loop_part})"
     if in_pool:
         return f"{size}: {in_pool} sync agent{'s' if in_pool != 1 else ''}"
     return f"{size}, not used (astep ran on the event loop)"
@@ -223,6 +235,7 @@ def figures(
     history: Sequence[StepTime] = (),
     *,
     steps: int | None = None,
+    report_step: int | None = None,
     empty_note: str = "none yet",
 ) -> Figures:
     """The figures of a model's recent steps, as labelled rows.
@@ -233,13 +246,28 @@ def figures(
         history: Recent steps, oldest first, as the front end recorded them; it may
             hold parallel steps only (then sequential steps are found from ``steps``).
         steps: The model's step number now, or None when unknown.
+        report_step: The model's step number when ``report`` was stored, for a front
+            end without a history (the magic); the history's last parallel step wins.
         empty_note: What to say when there is no report.
 
     Returns:
         The rows, with the report's rows under a heading that says whether the report
         is the last step's.
     """
+    parallel_points = [p for p in history if p.parallel]
+    if parallel_points:
+        report_step = parallel_points[-1].step
     last = history[-1] if history else None
+    if last is None and report is not None and report_step is not None and steps is not None:
+        # No history: the report's step, or the steps after it, which ran sequentially.
+        if steps > report_step:
+            last = StepTime(float("nan"), parallel=False, step=steps)
+        else:
+            last = StepTime.of_report(report, report_step)
+    elif last is not None and last.step is not None and steps is not None and steps > last.step:
+        # Steps the history does not hold (a history of parallel steps only, or steps
+        # run elsewhere) ran sequentially: no parallel step reported them.
+        last = StepTime(float("nan"), parallel=False, step=steps)
     last_rows: list[Row] = []
     if last is not None:
         last_rows.append(Row("Last step", last.describe(), "last-step", alert=last.stalled))
@@ -248,8 +276,6 @@ def figures(
     if report is None:
         return Figures(tuple(last_rows), "Last parallel step", True, (), empty_note)
 
-    parallel_points = [p for p in history if p.parallel]
-    report_step = parallel_points[-1].step if parallel_points else None
     later = 0
     if report_step is not None and steps is not None and steps > report_step:
         later = steps - report_step
@@ -312,7 +338,7 @@ def figures_html(shown: Figures, *, width: int = 330) -> str:
     report rows of an older step are greyed under their "Earlier parallel step"
     heading.
     """
-    colour = "" if shown.current else f"color:{_MUTED};"
+    colour = "" if shown.current else f"color:{_OLD};"
     out = [
         f"<table class='mlp-figures-table' style='font-size:90%;width:{width}px;"
         "table-layout:fixed;border-collapse:collapse'>"
@@ -334,7 +360,7 @@ def figures_html(shown: Figures, *, width: int = 330) -> str:
 
 
 def _row_html(row: Row, *, muted: bool = False) -> str:
-    style = f"color:{COLOURS['failed']};" if row.alert else (f"color:{_MUTED};" if muted else "")
+    style = f"color:{COLOURS['failed']};" if row.alert else (f"color:{_OLD};" if muted else "")
     return (
         f"<tr class='mlp-row-{row.key}'><td style='padding-right:8px;color:#555;"
         f"vertical-align:top'>{html.escape(row.label)}</td>"
@@ -358,7 +384,7 @@ def figures_text(shown: Figures, *, indent: str = "  ") -> str:
 def chart_svg(
     points: Sequence[StepTime],
     *,
-    capacity: int = 50,
+    capacity: int = HISTORY_LENGTH,
     width: int = CHART_WIDTH,
     height: int = CHART_HEIGHT,
 ) -> str:
@@ -472,7 +498,7 @@ def _mark(x: float, y: float, point: StepTime) -> str:
 
 
 def _legend(points: Sequence[StepTime], height: int) -> str:
-    present = {p.kind for p in points}
+    present = {p.kind for p in points if not p.stalled}  # a stalled mark is hollow
     names = [k for k in ("asyncio", "threading", "sequential") if k in present]
     if any(p.failures for p in points):
         names.append("failed")

@@ -181,6 +181,12 @@ def last_step_report(model: Any) -> StepReport | None:
     return None if state is None else state.last_report
 
 
+def last_report_step(model: Any) -> int | None:
+    """The model's step number when its latest report was stored (for the front ends)."""
+    state = state_of(model, create=False)
+    return None if state is None else state.last_report_step
+
+
 _last_model: weakref.ref[Any] | None = None
 
 
@@ -190,6 +196,7 @@ def store_report(model: Any, report: StepReport) -> None:
     state = state_of(model)
     if state is not None:  # a model with __slots__: no report, no error
         state.last_report = report
+        state.last_report_step = step_number(model)
     with contextlib.suppress(TypeError):
         _last_model = weakref.ref(model)
 

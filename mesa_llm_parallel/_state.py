@@ -6,7 +6,8 @@ Everything the library remembers about a model lives in ``model._mesa_llm_parall
 never in module state (a module-level table would keep models alive):
 
 * ``home``: the event loop the model's asyncio steps run on (see ``_loops``);
-* ``last_report``: the :class:`~mesa_llm_parallel.StepReport` of its latest parallel step.
+* ``last_report``: the :class:`~mesa_llm_parallel.StepReport` of its latest parallel step,
+  and ``last_report_step``, the model's step number when that step ended.
 
 Copies never share it with the original. ``copy.deepcopy`` and ``pickle`` give the copy
 an empty state (a loop cannot be copied, and a report describes the original's agents);
@@ -38,9 +39,11 @@ class ModelState:
     Attributes:
         home: Where the model's asyncio steps run (a ``_loops._Home``), or None.
         last_report: The model's latest step report, or None.
+        last_report_step: The model's step number (Mesa 3's ``steps``, Mesa 4's
+            ``time``) when that report was stored, or None.
     """
 
-    __slots__ = ("_owner", "home", "last_report")
+    __slots__ = ("_owner", "home", "last_report", "last_report_step")
 
     def __init__(self, owner: object | None) -> None:
         # id(), not a weak reference: a shallow copy is alive at the same time as its
@@ -48,6 +51,7 @@ class ModelState:
         self._owner = None if owner is None else id(owner)
         self.home: Any = None
         self.last_report: Any = None
+        self.last_report_step: int | None = None
 
     def __copy__(self) -> ModelState:
         return _fresh_state()

@@ -21,7 +21,12 @@ from IPython.core.magic_arguments import argument, magic_arguments
 from IPython.utils.process import arg_split
 
 from mesa_llm_parallel._display import figures, figures_text
-from mesa_llm_parallel._report import last_step_report, last_stepped_model, step_number
+from mesa_llm_parallel._report import (
+    last_report_step,
+    last_step_report,
+    last_stepped_model,
+    step_number,
+)
 from mesa_llm_parallel._settings import ERROR_POLICIES, MODES, settings
 from mesa_llm_parallel.parallel_stepping import (
     disable_automatic_parallel_stepping,
@@ -62,16 +67,24 @@ def _cap(text: str) -> int | None:
     return _positive_int(text)
 
 
-def _seconds(text: str) -> float | None:
+def _positive_number(text: str, unit: str) -> float | None:
     if text.lower() == "none":
         return None
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+        raise argparse.ArgumentTypeError(f"expected a number of {unit}, got {text!r}") from None
     if not value > 0 or value == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected a positive number of {unit}, got {text!r}")
     return value
+
+
+def _seconds(text: str) -> float | None:
+    return _positive_number(text, "seconds")
+
+
+def _per_second(text: str) -> float | None:
+    return _positive_number(text, "agent starts per second")
 
 
 def _common_options(func: Any) -> Any:
@@ -102,7 +115,7 @@ def _common_options(func: Any) -> Any:
         ),
         argument(
             "--rate-limit",
-            type=_seconds,
+            type=_per_second,
             default=_MISSING,
             metavar="R",
             help="most agent starts per second ('none': no limit)",
@@ -152,6 +165,11 @@ class ParallelSteppingMagics(Magics):
         }
         if action == "status" and values:
             raise UsageError("%parallel_stepping status takes no options")
+        if action == "status" and len(words) > 1:
+            raise UsageError(
+                f"%parallel_stepping status takes one model at most, got {len(words)}: "
+                + " ".join(words)
+            )
         try:
             values = settings.validate(**values)
         except (TypeError, ValueError) as exc:
@@ -256,7 +274,11 @@ class ParallelSteppingMagics(Magics):
             flag = vars(model).get("parallel_stepping", _MISSING)
             shown = "not set" if flag is _MISSING else repr(flag)
             lines.append(f"{name}: parallel_stepping {shown}")
-            shown = figures(last_step_report(model), steps=step_number(model))
+            shown = figures(
+                last_step_report(model),
+                steps=step_number(model),
+                report_step=last_report_step(model),
+            )
             lines.append(f"{name}:")
             lines.append(textwrap.indent(figures_text(shown), "  "))
         return "\n".join(lines)

@@ -22,6 +22,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Literal
 
+import mesa
+
 from mesa_llm_parallel import _loops, _patch
 from mesa_llm_parallel._agentsets import first_agent, shuffled_members
 from mesa_llm_parallel._engine import Step, model_of, pool, run_step_in_loop, run_step_sync
@@ -99,12 +101,26 @@ def is_automatic_parallel_stepping_enabled() -> bool:
     return _patch.is_installed()
 
 
+def _check_model(function: str, model: object) -> None:
+    if isinstance(model, mesa.Model):
+        return
+    hint = " (an agent: pass agent.model)" if isinstance(model, mesa.Agent) else ""
+    raise TypeError(
+        f"{function}: model must be a Mesa model (a mesa.Model instance), "
+        f"got {type(model).__name__}{hint}: {model!r}"
+    )
+
+
 def wants_parallel_stepping(model: Any) -> bool:
     """Whether ``model`` asks to step in parallel, patch or no patch.
 
     Its ``parallel_stepping`` attribute, read as a bool; for a model without one,
     ``settings.parallel_by_default``.
+
+    Raises:
+        TypeError: ``model`` is not a ``mesa.Model``.
     """
+    _check_model("wants_parallel_stepping", model)
     return _patch.model_wants_parallel(model, settings.snapshot())
 
 
@@ -115,7 +131,11 @@ def steps_in_parallel(model: Any) -> bool:
     ``parallel_stepping`` attribute is true, or it has none and
     ``settings.parallel_by_default`` is on. (Whether the method is one of
     ``settings.parallel_methods`` is the call's business: ``"step"`` is by default.)
+
+    Raises:
+        TypeError: ``model`` is not a ``mesa.Model``.
     """
+    _check_model("steps_in_parallel", model)
     return _patch.is_installed() and _patch.model_wants_parallel(model, settings.snapshot())
 
 
@@ -128,10 +148,12 @@ def set_parallel_stepping(model: Any, on: bool) -> None:
     the ipywidgets panel and the Solara component do for one model.
 
     Raises:
-        TypeError: ``on`` is not a bool.
+        TypeError: ``model`` is not a ``mesa.Model``, or ``on`` is not a bool (nothing
+            changed).
         RuntimeError: The installed Mesa has no agent-set class that can be patched
             (nothing changed).
     """
+    _check_model("set_parallel_stepping", model)
     if not isinstance(on, bool):
         raise TypeError(f"set_parallel_stepping: on must be True or False, got {on!r}")
     if on:

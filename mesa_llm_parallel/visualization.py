@@ -50,9 +50,11 @@ from mesa_llm_parallel._display import (
     chart_svg,
     figures,
 )
+from mesa_llm_parallel._display import HISTORY_LENGTH as _HISTORY_LENGTH
 from mesa_llm_parallel._report import (
     StepReport,
     add_step_callback,
+    last_report_step,
     last_step_report,
     step_number,
 )
@@ -72,7 +74,7 @@ __all__ = [
 ]
 
 #: How many recent parallel steps the chart shows.
-HISTORY_LENGTH: Final = 60
+HISTORY_LENGTH: Final = _HISTORY_LENGTH
 
 _FAILURE_COLOUR: Final = COLOURS["failed"]
 #: The chart's width in the card, in CSS pixels: a Mesa card's content is about 320 px wide.
@@ -270,6 +272,7 @@ def ParallelSteppingControls(  # noqa: N802
         "report": last_step_report(model),
         "steps": steps,
         "history": tuple(state.history),
+        "report_step": last_report_step(model),
     }
     if sidebar:
         _SidebarCard(props=props)
@@ -316,6 +319,7 @@ def _Card(  # noqa: N802
     report: StepReport | None,
     steps: int | None,
     history: tuple[StepTime, ...],
+    report_step: int | None = None,
     margin: int = 0,
 ) -> None:
     with solara.Card(title, margin=margin, classes=["mlp-parallel-controls"]):
@@ -360,7 +364,7 @@ def _Card(  # noqa: N802
             "Changes apply from the next step; a step in progress keeps its settings.",
             style={"font-size": "0.8em", "opacity": "0.7"},
         )
-        _ReportView(report=report, flag=flag, steps=steps, history=history)
+        _ReportView(report=report, flag=flag, steps=steps, history=history, report_step=report_step)
 
 
 @solara.component
@@ -370,10 +374,17 @@ def _ReportView(  # noqa: N802
     flag: bool,
     steps: int | None,
     history: tuple[StepTime, ...],
+    report_step: int | None = None,
 ) -> None:
     with solara.Column(gap="4px", classes=["mlp-step-report"], style={"margin-top": "12px"}):
         empty = "none yet: press Step or Play" if flag else "none: parallel stepping is off"
-        shown = figures(report, history, steps=steps, empty_note=empty)
+        shown = figures(report, history, steps=steps, report_step=report_step, empty_note=empty)
+        grid = {"display": "grid", "grid-template-columns": "auto 1fr", "gap": "2px 12px"}
+        with solara.Div(style=grid):
+            for row in shown.last_step:
+                solara.Text(row.label, style={"opacity": "0.7"})
+                colour = {"color": _FAILURE_COLOUR} if row.alert else {}
+                solara.Text(row.value, classes=[f"mlp-report-{row.key}"], style=colour)
         muted = {} if shown.current else {"opacity": "0.6"}
         solara.Text(
             shown.heading, style={"font-weight": "bold", **muted}, classes=["mlp-report-heading"]
@@ -381,7 +392,6 @@ def _ReportView(  # noqa: N802
         if shown.note is not None:
             solara.Text(shown.note, classes=["mlp-report-empty"])
             return
-        grid = {"display": "grid", "grid-template-columns": "auto 1fr", "gap": "2px 12px"}
         with solara.Div(style={**grid, **muted}):
             for row in shown.report:
                 solara.Text(row.label, style={"opacity": "0.7"})
@@ -396,8 +406,11 @@ def _ReportView(  # noqa: N802
                     style={"font-style": "italic"},
                 )
         if history:
+            count = len(history)
             solara.Text(
-                f"Wall time of the last {len(history)} parallel steps",
+                "Wall time of the last parallel step"
+                if count == 1
+                else f"Wall time of the last {count} parallel steps",
                 style={"font-size": "0.85em", "opacity": "0.7", "margin-top": "6px"},
             )
             solara.HTML(

@@ -42,6 +42,7 @@ except ImportError as exc:  # pragma: no cover - exercised in a subprocess test
 from mesa_llm_parallel._display import (
     CHART_WIDTH,
     COLOURS,
+    HISTORY_LENGTH,
     StepTime,
     chart_svg,
     figures,
@@ -51,6 +52,7 @@ from mesa_llm_parallel._loops import wait_event
 from mesa_llm_parallel._report import (
     StepReport,
     add_step_callback,
+    last_report_step,
     last_step_report,
     remove_step_callback,
     step_number,
@@ -65,13 +67,11 @@ from mesa_llm_parallel.parallel_stepping import (
 __all__ = ["THREAD_PRESETS", "ParallelSteppingPanel", "StepTime"]
 
 #: How many recent step times the chart shows.
-CHART_LENGTH: Final = 50
+CHART_LENGTH: Final = HISTORY_LENGTH
 
 #: The pool sizes the "Threads" slider offers, on a doubling scale (a size set elsewhere,
 #: such as ``settings.max_workers = 12``, is added to them while it is the setting).
 THREAD_PRESETS: Final = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-#: Largest value of "Max in flight" (it widens to show a larger value set elsewhere).
-_CAP_MAX: Final = 100_000
 #: Largest number of steps one run may be asked for.
 _STEPS_MAX: Final = 10_000_000
 
@@ -248,9 +248,8 @@ class ParallelSteppingPanel(widgets.VBox):
             style=wide,
             layout=widgets.Layout(width="340px"),
         )
-        self.cap_input = widgets.BoundedIntText(
-            min=0,
-            max=_CAP_MAX,
+        # Not bounded: a bounded box would turn a mistyped -4 into 0, which means no cap.
+        self.cap_input = widgets.IntText(
             description="Max in flight (0 = no cap)",
             style=wide,
             layout=widgets.Layout(width="250px"),
@@ -413,6 +412,8 @@ class ParallelSteppingPanel(widgets.VBox):
                     target=self._runner, name="mesa-llm-parallel-panel", daemon=True
                 )
                 self._thread.start()
+        if steps > 1 and steps != self.steps_input.value and steps <= _STEPS_MAX:
+            self.steps_input.value = steps  # the box shows what this run runs (not Step's 1)
         self._show_running(True)
         self._show_traceback(None)
         self._set_status(f"Running {steps} step{'s' if steps != 1 else ''}…")
@@ -520,7 +521,7 @@ class ParallelSteppingPanel(widgets.VBox):
                 if self._pause_requested.is_set() or model is None:
                     break
                 if done:
-                    self._set_status(f"Running: step {done + 1} of {steps}…")
+                    self._set_status(f"Running: {done} of {steps} steps done…")
                 with self._ui_lock:
                     reports_before = self._reports_seen
                 started = time.perf_counter()
@@ -587,7 +588,8 @@ class ParallelSteppingPanel(widgets.VBox):
         self._apply_setting("max_workers", change["new"], "Threads", str(change["new"]))
 
     def _on_cap(self, change: dict[str, Any]) -> None:
-        cap = change["new"] or None
+        # 0 means no cap; a negative number goes to the settings, which refuse it by name.
+        cap = None if change["new"] == 0 else change["new"]
         self._apply_setting(
             "max_concurrency", cap, "Max in flight", "no cap" if cap is None else str(cap)
         )
@@ -637,7 +639,6 @@ class ParallelSteppingPanel(widgets.VBox):
                 if set(self.threads_slider.options) != sizes:
                     self.threads_slider.options = sorted(sizes)
                 self.threads_slider.value = cfg.max_workers
-                self.cap_input.max = max(self.cap_input.max, cap)
                 self.cap_input.value = cap
                 self._state_html.value = _state_text(
                     flag, installed=is_automatic_parallel_stepping_enabled()
@@ -651,7 +652,9 @@ class ParallelSteppingPanel(widgets.VBox):
             return
         report = last_step_report(model)
         history = tuple(self._history)
-        shown = figures(report, history, steps=step_number(model))
+        shown = figures(
+            report, history, steps=step_number(model), report_step=last_report_step(model)
+        )
         self.figures_html.value = figures_html(shown)
         self.chart_html.value = chart_svg(history, capacity=CHART_LENGTH)
 

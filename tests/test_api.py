@@ -255,3 +255,19 @@ def test_one_model_is_switched_and_asked_about_through_the_public_api():
     assert not mlp.steps_in_parallel(model)
     with pytest.raises(TypeError, match="True or False, got 'yes'"):
         mlp.set_parallel_stepping(model, "yes")
+
+
+@pytest.mark.parametrize("function", ["set_parallel_stepping", "wants_parallel_stepping"])
+def test_the_one_model_functions_refuse_what_is_not_a_model(function):
+    call = getattr(mlp, function)
+    model = mesa.Model(rng=1)
+    agent = mesa.Agent(model)
+    extra = (True,) if function == "set_parallel_stepping" else ()
+    for wrong in (None, "model"):
+        with pytest.raises(TypeError, match=rf"{function}: model must be a Mesa model"):
+            call(wrong, *extra)
+    with pytest.raises(TypeError, match=r"got Agent \(an agent: pass agent.model\)"):
+        call(agent, *extra)
+    assert not hasattr(agent, "parallel_stepping")  # nothing half-applied
+    with pytest.raises(TypeError, match="steps_in_parallel: model must be a Mesa model"):
+        mlp.steps_in_parallel("model")

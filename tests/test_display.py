@@ -109,6 +109,8 @@ def test_stalled_failed_and_sequential_steps_are_marked_and_in_the_legend():
         assert f">{name}</text>" in svg
     only_async = chart_svg(points[:1])
     assert ">threading</text>" not in only_async  # the legend names what is drawn
+    only_stalled = chart_svg(points[-1:])
+    assert ">asyncio</text>" not in only_stalled  # the stalled mark is hollow, not blue
 
 
 # -- the figures -----------------------------------------------------------------------------
@@ -120,22 +122,37 @@ def test_what_the_pool_was_used_for():
         Placement("Clerk", "thread pool", 4, "being observed in the pool"),
     )
     assert pool_use(report(placement=placement)) == "32 threads: 4 sync agents"
+    # Threading mode: agents with only an astep run on the model's loop, not in the pool.
+    on_loop = (Placement("Thinker", "home loop", 6, "it has only astep"),)
+    assert pool_use(report(mode="threading", placement=on_loop)) == (
+        "32 threads, not used (6 async agents on the model's loop)"
+    )
+    mixed = (*on_loop, Placement("Clerk", "thread pool", 4, "sync"))
+    assert pool_use(report(mode="threading", placement=mixed)) == (
+        "32 threads: 4 agents' step (6 async agents on the model's loop)"
+    )
 
 
 def test_a_report_older_than_the_last_step_is_headed_as_such():
     history = [StepTime(0.2, True, step=4, mode="asyncio"), StepTime(0.9, False, step=5)]
-    shown = figures(report(), history, steps=7)
+    shown = figures(report(), history, steps=5)
     assert not shown.current
-    assert shown.heading == "Earlier parallel step (step 4, 3 steps ago)"
+    assert shown.heading == "Earlier parallel step (step 4, 1 step ago)"
     assert shown.last_step[0].value == "step 5: 900 ms, sequential"
+    # Steps the history does not hold (run elsewhere) ran sequentially too.
+    shown = figures(report(), history, steps=7)
+    assert shown.heading == "Earlier parallel step (step 4, 3 steps ago)"
+    assert shown.last_step[0].value == "step 7: sequential"
     table = figures_html(shown)
     assert "Earlier parallel step (step 4, 3 steps ago)" in table
-    assert "color:#666" in table.split("mlp-row-speedup")[1]  # greyed
+    assert "color:#9e9e9e" in table.split("mlp-row-speedup")[1]  # greyed
 
     current = figures(report(), history[:1], steps=4)
     assert current.current
     assert current.heading == "Last parallel step"
-    assert "color:#666" not in figures_html(current).split("mlp-row-speedup")[1].split("</tr>")[0]
+    assert (
+        "color:#9e9e9e" not in figures_html(current).split("mlp-row-speedup")[1].split("</tr>")[0]
+    )
 
 
 def test_a_stalled_step_says_so_and_is_not_a_plain_slow_step():

@@ -83,9 +83,18 @@ def test_status_shows_settings_and_the_last_report(ip, capsys):
     assert "patch installed: yes" in out
     assert "timeout=2.5 s" in out
     # The same figures as the panels show, as text.
-    assert "most recent model:\n  Model steps so far: 1\n  Last parallel step:\n" in out
+    assert "most recent model:\n  Last step: step 1: " in out
+    assert "\n  Model steps so far: 1\n  Last parallel step:\n" in out
     assert "    Agents: 6/6 done, peak " in out
     assert "    Failures: none" in out
+    # After a sequential step the report is an older step's, and says so.
+    run(ip, "%parallel_stepping off m")
+    ip.user_ns["m"].step()
+    capsys.readouterr()
+    assert run(ip, "%parallel_stepping status m")[0]
+    out = capsys.readouterr().out
+    assert "m:\n  Last step: step 2: sequential\n  Model steps so far: 2\n" in out
+    assert "  Earlier parallel step (step 1, 1 step ago):\n    Wall time: " in out
     assert run(ip, "%parallel_stepping status other")[0]
     assert "other:\n  Model steps so far: 0\n  Last parallel step:\n    none yet" in (
         capsys.readouterr().out
@@ -100,13 +109,15 @@ def test_status_shows_settings_and_the_last_report(ip, capsys):
         ("%parallel_stepping on --workers 0", "expected a number >= 1, got '0'"),
         ("%parallel_stepping on --workers four", "expected a whole number, got 'four'"),
         ("%parallel_stepping on --concurrency -2", "expected a number >= 1, got '-2'"),
-        ("%parallel_stepping on --timeout 0", "expected a positive number, got '0'"),
+        ("%parallel_stepping on --timeout 0", "expected a positive number of seconds, got '0'"),
         ("%parallel_stepping on --mode parallel", "invalid choice: 'parallel'"),
         ("%parallel_stepping on --colour red", "unrecognized arguments: --colour red"),
         ("%parallel_stepping on modle", "no variable named 'modle'"),
         ("%parallel_stepping on x", "'x' is not a Mesa model (it is of type int)"),
         ("%parallel_stepping on m x", "'x' is not a Mesa model"),
         ("%parallel_stepping status --workers 3", "status takes no options"),
+        ("%parallel_stepping status m other", "status takes one model at most, got 2: m other"),
+        ("%parallel_stepping on --rate-limit abc", "number of agent starts per second, got 'abc'"),
         ("%parallel_stepping on 'm", "No closing quotation"),
     ],
 )

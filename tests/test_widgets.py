@@ -141,7 +141,6 @@ def test_controls_have_plain_labels_and_visible_explanations(make_panel):
     assert tuple(panel.mode_selector.options) == mlp.MODES
     assert panel.threads_slider.description == "Threads"
     assert panel.cap_input.description == "Max in flight (0 = no cap)"
-    assert (panel.cap_input.min, panel.cap_input.max) == (0, 100_000)
     assert [b.description for b in (panel.run_button, panel.pause_button, panel.step_button)] == [
         "Run",
         "Pause",
@@ -274,6 +273,20 @@ def test_cap_sets_max_concurrency_and_zero_removes_it(make_panel, patched):
     panel.step()
     finish(panel)
     assert mlp.last_step_report(model).max_concurrency is None
+
+
+def test_a_negative_cap_is_refused_not_taken_for_no_cap(make_panel):
+    panel = make_panel(ToyModel(2))
+    panel.cap_input.value = 50
+    assert mlp.settings.max_concurrency == 50
+    panel.cap_input.value = -4  # a typo must not remove the cap
+    assert mlp.settings.max_concurrency == 50
+    assert panel.cap_input.value == 50  # put back
+    assert "Max in flight not changed" in notice(panel)
+    assert "got -4" in notice(panel)
+    assert "color:#c62828" in panel.notice_html.value
+    panel.cap_input.value = 1_000_000  # no upper bound of the panel's own
+    assert mlp.settings.max_concurrency == 1_000_000
 
 
 def test_a_rejected_value_is_shown_and_reverted_and_nothing_else_changes(make_panel, monkeypatch):
@@ -496,7 +509,14 @@ def test_the_pool_is_said_unused_when_every_agent_awaited_on_the_loop(make_panel
     mlp.settings.mode = "threading"
     panel.step()
     finish(panel)
-    assert figures(panel)["Thread pool"] == f"{pool} threads: every agent's step"
+    # In threading mode, agents with only an astep run on the model's loop, not the pool.
+    on_loop = f"{pool} threads, not used (4 async agents on the model's loop)"
+    assert figures(panel)["Thread pool"] == on_loop
+    sync_model = ToyModel(3, SyncAgent)
+    sync_panel = make_panel(sync_model)
+    sync_panel.step()
+    finish(sync_panel)
+    assert figures(sync_panel)["Thread pool"] == f"{pool} threads: every agent's step"
 
 
 def test_an_older_parallel_step_is_headed_as_such_after_sequential_steps(make_panel, patched):
@@ -505,7 +525,9 @@ def test_an_older_parallel_step_is_headed_as_such_after_sequential_steps(make_pa
     panel.run(2)
     finish(panel)
     assert figures(panel)["heading"] == "Last parallel step"
-    assert "color:#666" not in panel.figures_html.value.split("mlp-row-time")[1].split("</tr>")[0]
+    assert (
+        "color:#9e9e9e" not in panel.figures_html.value.split("mlp-row-time")[1].split("</tr>")[0]
+    )
     panel.parallel_toggle.value = False
     panel.run(3)
     finish(panel)
@@ -514,7 +536,7 @@ def test_an_older_parallel_step_is_headed_as_such_after_sequential_steps(make_pa
     assert shown["Last step"].startswith("step 5: ")
     assert shown["Last step"].endswith(", sequential")
     # The old figures are greyed.
-    assert "color:#666" in panel.figures_html.value.split("mlp-row-time")[1].split("</tr>")[0]
+    assert "color:#9e9e9e" in panel.figures_html.value.split("mlp-row-time")[1].split("</tr>")[0]
 
 
 def test_timeouts_are_counted(make_panel, patched):
