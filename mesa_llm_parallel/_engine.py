@@ -53,11 +53,11 @@ from mesa_llm_parallel._ordering import (
 )
 from mesa_llm_parallel._permits import holds_permit, permits
 from mesa_llm_parallel._pool import (
-    ResizablePool,
     StuckThreadsError,
     WorkerPool,
     check_stuck_threads,
     is_pool_thread,
+    pool,
     stuck_threads,
 )
 from mesa_llm_parallel._ratelimit import limiter
@@ -69,7 +69,7 @@ from mesa_llm_parallel._report import (
 )
 from mesa_llm_parallel._settings import SettingsSnapshot
 
-__all__ = ["Step", "pool", "run_step_async", "run_step_sync"]
+__all__ = ["Step", "run_step_async", "run_step_sync"]
 
 
 class StopScope:
@@ -115,9 +115,6 @@ stop_scope: contextvars.ContextVar[StopScope | None] = contextvars.ContextVar(
 )
 
 logger = logging.getLogger("mesa_llm_parallel")
-
-#: The library's one thread pool.
-pool: Final = ResizablePool()
 
 Resolve = Callable[[Any], Any]
 
@@ -335,14 +332,31 @@ class Step:
 
     def __init__(
         self,
+        *,
         entries: Sequence[Any],
-        resolve: Resolve | None,
+        resolve: Resolve | None = None,
         method: str | Callable[..., Any],
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
+        args: tuple[Any, ...] = (),
+        kwargs: dict[str, Any] | None = None,
         cfg: SettingsSnapshot,
         mode: str,
     ) -> None:
+        """Prepare a step; nothing runs until a ``run_step_*`` function gets it.
+
+        Args:
+            entries: The agents in start order, or entries that ``resolve`` turns into
+                agents (a weak reference, for a set that holds its agents weakly).
+            resolve: Maps an entry to its agent, or to None when the agent is no longer
+                a member and is skipped; None for a list of agents.
+            method: The name of the method to call on every agent, or a callable called
+                with the agent first.
+            args: Positional arguments for every call.
+            kwargs: Keyword arguments for every call (None: none).
+            cfg: The settings the step runs with, read once when it starts.
+            mode: ``"asyncio"`` or ``"threading"``.
+        """
+        if kwargs is None:
+            kwargs = {}
         self.entries = entries
         self.n = len(entries)
         self.resolve = resolve or _identity
