@@ -324,10 +324,12 @@ def _timeout_error(agent: Any, seconds: float, *, in_thread: bool) -> TimeoutErr
 class Step:
     """The shared state of one parallel step: positions, counters, failures, turns.
 
-    Threading-mode runners call :meth:`claim`, :meth:`lookup`, :meth:`start` and
-    :meth:`finish`, which update the counters under :attr:`lock`. The asyncio runners
-    all run on one thread and update the counters directly (see
-    :func:`run_step_async`), except for failures, which go through :meth:`finish`.
+    The counters (started, completed, skipped, in flight, busy time, failures) change
+    only in the ``count_*`` methods. Threading-mode runners call :meth:`claim`,
+    :meth:`lookup`, :meth:`start` and :meth:`finish`, which call them under
+    :attr:`lock`. The asyncio driver (``_AsyncStep``) runs every agent's bookkeeping
+    on one thread and calls them directly, except for failures and skips, which go
+    through :meth:`finish` and :meth:`skip`.
     """
 
     def __init__(
@@ -486,19 +488,60 @@ class Step:
         """The agent at ``position`` if it is still a member; else record the skip, None."""
         agent = self.resolve(self.entries[position])
         if agent is None:
-            with self.lock:
-                self.skipped += 1
-            self.turns.pass_turn(position)
+            self.skip(position)
         return agent
 
-    def start(self) -> float:
-        """Count one more agent as started and in flight; return its start time."""
-        with self.lock:
-            self.started += 1
-            self.in_flight += 1
-            if self.in_flight > self.peak_in_flight:
-                self.peak_in_flight = self.in_flight
+    # -- counting ---------------------------------------------------------------------
+    def count_start(self) -> float:
+        """Count one more agent as started and in flight; return its start time.
+
+        Unlocked: the caller holds :attr:`lock` or is the asyncio driver.
+        """
+        self.started += 1
+        self.in_flight += 1
+        if self.in_flight > self.peak_in_flight:
+            self.peak_in_flight = self.in_flight
         return time.perf_counter()
+
+    def count_success(self, started: float) -> None:
+        """Count an agent started at ``started`` as completed (unlocked, as above)."""
+        self.in_flight -= 1
+        self.busy_time += time.perf_counter() - started
+        self.completed += 1
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def count_failure(self, failure: AgentFailure, started: float) -> None:
+        """Count an agent started at ``started`` as failed (unlocked, as above)."""
+        self.in_flight -= 1
+        self.busy_time += time.perf_counter() - started
+        self.failures.append(failure)
+        if self.progress is not None:
+            self.progress.update(1)
+
+    def count_inline_run(self, ran: int, done: int, busy: float) -> None:
+        """Count ``ran`` agents called inline one after another, ``done`` of them completed.
+
+        They took ``busy`` seconds in all and were in flight one at a time, so the peak
+        is at least one more than what was in flight around them. The asyncio driver
+        counts a run of cheap inline agents in one go.
+        """
+        self.started += ran
+        self.completed += done
+        self.busy_time += busy
+        if self.in_flight >= self.peak_in_flight:
+            self.peak_in_flight = self.in_flight + 1
+
+    def start(self) -> float:
+        """:meth:`count_start` under the lock (any thread)."""
+        with self.lock:
+            return self.count_start()
+
+    def skip(self, position: int) -> None:
+        """The agent at ``position`` left its set before its turn: count it, pass its turn."""
+        with self.lock:
+            self.skipped += 1
+        self.turns.pass_turn(position)
 
     def finish(
         self,
@@ -514,19 +557,12 @@ class Step:
         An agent that timed out in a thread may still be running: its turn passes all
         the same, so a late ``in_turn`` from it is refused instead of applied late.
         """
-        elapsed = time.perf_counter() - started
-        halt = False
         with self.lock:
-            self.in_flight -= 1
-            self.busy_time += elapsed
             if error is None:
-                self.completed += 1
+                self.count_success(started)
             else:
-                self.failures.append(AgentFailure(agent, error, position, timed_out))
-                halt = self.cfg.on_error == "raise"
-            if self.progress is not None:
-                self.progress.update(1)
-        if halt:
+                self.count_failure(AgentFailure(agent, error, position, timed_out), started)
+        if error is not None and self.cfg.on_error == "raise":
             self.halt()
         self.turns.pass_turn(position)
 
@@ -797,7 +833,8 @@ class _AsyncStep:
         self.pool_calls: set[_PoolCall] = set()
         self.waiting_for_worker: collections.deque[int] = collections.deque()
         self.free_workers = 0
-        self.lease: Any = None
+        #: What the step holds until it ends: the pool's lease, once it has one.
+        self.holds = contextlib.ExitStack()
         self.executor: WorkerPool | None = None
         #: Full garbage collections counted at the start of the current slice.
         self.collections_seen = -1
@@ -839,8 +876,7 @@ class _AsyncStep:
             for call in self.pool_calls:
                 if call.timer is not None:
                     call.timer.cancel()
-            if self.lease is not None:
-                self.lease.__exit__(None, None, None)
+            self.holds.close()
 
     def _settle(self) -> None:
         """After any change: start more agents, drop waiting starts, or end the step."""
@@ -929,8 +965,7 @@ class _AsyncStep:
         agent = step.resolve(step.entries[position])
         if agent is None:  # removed while it waited: skipped, as Mesa's loop would
             self._release(position)
-            step.skipped += 1
-            step.turns.pass_turn(position)
+            step.skip(position)
             return
         self._start_agent(position, agent, self.dispatch.decisions.get(type(agent)))
 
@@ -959,13 +994,14 @@ class _AsyncStep:
         keep = self.tasks.add
         starts, timeout, args, kwargs = self.starts, self.timeout, step.args, step.kwargs
         progress, perf_counter = step.progress, time.perf_counter
+        count_start, count_run = step.count_start, step.count_inline_run
         stall_bound = placement.STALL_BOUND
         now = perf_counter()
         sliced_at = now + _INLINE_SLICE
         self.collections_seen = placement.full_collections()
-        # Inline agents' counts, added to the step's in one go (see flush below).
-        ran = busy = 0.0
-        done = 0
+        # A run of inline agents is counted in one go (count_run), when it ends.
+        ran = done = 0
+        busy = 0.0
         cap = self.cap
         while self.active < k and not step.stop and self.permit_wait is None:
             position = next_position()
@@ -978,8 +1014,7 @@ class _AsyncStep:
             else:
                 agent = resolve(entry)
             if agent is None:  # removed earlier in the step: Mesa's loop skips it
-                step.skipped += 1
-                pass_turn(position)
+                step.skip(position)
                 continue
             if cap is not None and not self._acquire(position):
                 break  # the process's quota is full: this agent starts when a permit frees
@@ -988,20 +1023,16 @@ class _AsyncStep:
                 decision.inline or (decision.record is not None and decision.record.inline)
             ):
                 if ran:
-                    self._flush_inline(ran, done, busy)
-                    ran = busy = 0.0
-                    done = 0
+                    count_run(ran, done, busy)
+                    ran = done = 0
+                    busy = 0.0
                 if decision is not None and decision.kind == _AWAIT and timeout is None:
                     # An async agent: one task, in its own copy of the caller's context.
                     name = decision.name
                     decision.ran += 1
                     context = task_context()
                     context.run(set_position, position)
-                    step.started += 1
-                    step.in_flight += 1
-                    if step.in_flight > step.peak_in_flight:
-                        step.peak_in_flight = step.in_flight
-                    starts[position] = now = perf_counter()
+                    starts[position] = now = count_start()
                     try:
                         coro = getattr(agent, name)(*args, **kwargs) if name else call(agent, None)
                         task = create_task(coro, context=context)
@@ -1035,10 +1066,10 @@ class _AsyncStep:
                 turns.inline_position = -1
                 if cap is not None:
                     self._release(position)
-                self._flush_inline(ran, done, busy)
-                ran = busy = 0.0
-                done = 0
-                step.in_flight += 1
+                count_run(ran - 1, done, busy)  # the failed agent is counted on its own
+                ran = done = 0
+                busy = 0.0
+                count_start()
                 step.finish(position, agent, started, exc)
                 now = perf_counter()
                 self._inline_ended(decision, now - started, exc)
@@ -1062,22 +1093,13 @@ class _AsyncStep:
                     self._stalled(decision, took)
             if now > sliced_at:
                 # A long run of inline agents: let the loop breathe, then go on.
-                self._flush_inline(ran, done, busy)
+                count_run(ran, done, busy)
                 self.fill_pending = True
                 self.loop.call_soon(self._fill)
                 return
         if ran:
-            self._flush_inline(ran, done, busy)
+            count_run(ran, done, busy)
         self._settle()
-
-    def _flush_inline(self, ran: float, done: int, busy: float) -> None:
-        """Add a run of inline agents to the step's counts (one was in flight at a time)."""
-        step = self.step
-        step.started += int(ran)
-        step.completed += done
-        step.busy_time += busy
-        if step.in_flight >= step.peak_in_flight:
-            step.peak_in_flight = step.in_flight + 1
 
     def _inline_ended(
         self, decision: _Decision, took: float, error: BaseException | None = None
@@ -1154,8 +1176,7 @@ class _AsyncStep:
         step = self.step
         agent = step.resolve(step.entries[position])
         if agent is None:  # removed earlier in the step: Mesa's loop skips it
-            step.skipped += 1
-            step.turns.pass_turn(position)
+            step.skip(position)
             return
         if self.cap is not None and not self._acquire(position):
             return  # started when a permit frees
@@ -1182,22 +1203,13 @@ class _AsyncStep:
 
     def _begin(self, position: int) -> float:
         """Count the agent at ``position`` as started and in flight; its start time."""
-        step = self.step
-        step.started += 1
-        step.in_flight += 1
-        if step.in_flight > step.peak_in_flight:
-            step.peak_in_flight = step.in_flight
-        started = self.starts[position] = time.perf_counter()
+        started = self.starts[position] = self.step.count_start()
         return started
 
     def _succeeded(self, position: int, started: float) -> None:
-        """:meth:`Step.finish` for a success, inlined: the runners share one thread."""
+        """:meth:`Step.finish` for a success, without the lock: the runners share one thread."""
         step = self.step
-        step.in_flight -= 1
-        step.busy_time += time.perf_counter() - started
-        step.completed += 1
-        if step.progress is not None:
-            step.progress.update(1)
+        step.count_success(started)
         step.turns.pass_turn(position)
 
     def _run_inline(self, position: int, agent: Any, decision: _Decision) -> None:
@@ -1267,11 +1279,7 @@ class _AsyncStep:
         step = self.step
         self.active -= 1
         if not task.cancelled() and task.exception() is None:  # the common case, inlined
-            step.in_flight -= 1
-            step.busy_time += time.perf_counter() - self.starts[position]
-            step.completed += 1
-            if step.progress is not None:
-                step.progress.update(1)
+            step.count_success(self.starts[position])
             turns = step.turns
             turns.passed_marks()[position] = 1  # the write, then the check (see Turnstile)
             if turns.tracking:
@@ -1340,8 +1348,7 @@ class _AsyncStep:
             self.step.halt()
             self.step.turns.pass_turn(position)
             return False
-        self.lease = pool.lease(cfg.max_workers)
-        self.executor = self.lease.__enter__()
+        self.executor = self.holds.enter_context(pool.lease(cfg.max_workers))
         self.free_workers = cfg.max_workers
         return True
 
@@ -1426,8 +1433,7 @@ class _AsyncStep:
                 self.active -= 1
                 if self.cap is not None:
                     self._release(position)
-                step.skipped += 1
-                step.turns.pass_turn(position)
+                step.skip(position)
                 continue
             decision = decisions[type(agent)]
             if decision.runs_inline():
@@ -1458,7 +1464,12 @@ async def _heartbeat() -> None:
 
 # -- threading mode -----------------------------------------------------------------
 class _Runner:
-    """One threading-mode runner: which agent it runs now, and whether it was abandoned."""
+    """One threading-mode runner: it runs agents one after another until none is left.
+
+    Its attributes say which agent it runs now (read by the waiting side, under the
+    step's lock, to enforce timeouts) and whether it was abandoned. The step is passed
+    to :meth:`run`, never kept: the waiting side holds runners a little longer.
+    """
 
     __slots__ = ("abandoned", "agent", "on_loop", "position", "started")
 
@@ -1469,68 +1480,67 @@ class _Runner:
         self.position = -1
         self.started = 0.0
 
+    def run(self, step: Step, dispatch: _Dispatch, *, nested: bool = False) -> None:
+        """Claim the next position and run its agent, until the step has none to give.
+
+        ``nested``: the step runs right here, in the worker of the agent that started
+        it, one agent at a time on that agent's permit.
+        """
+        context = step.context
+        cap = None if nested else step.cap
+        while not self.abandoned and (position := step.claim()) is not None:
+            agent = step.lookup(position)
+            if agent is None:
+                continue
+            if cap is not None and not permits.acquire(cap, step.halted):
+                step.turns.pass_turn(position)  # the step stopped while it waited
+                return
+            if cap is not None and step.stop:  # halted as the permit came: it goes back
+                permits.release()
+                step.turns.pass_turn(position)
+                return
+            started = step.start()
+            # Each agent in a fresh copy of the caller's context, as asyncio.to_thread
+            # does: what one agent sets there is not seen by the next one of this runner.
+            try:
+                error, timed_out = context.copy().run(
+                    self._run_agent, step, dispatch, position, agent, started
+                )
+            finally:
+                if cap is not None:
+                    permits.release()  # when the call has really returned, even if abandoned
+            with step.lock:
+                abandoned = self.abandoned
+                self.agent = None
+            if abandoned:  # the caller already reported it as timed out and moved on
+                return
+            step.finish(position, agent, started, error, timed_out=timed_out)
+            del agent
+
+    def _run_agent(
+        self, step: Step, dispatch: _Dispatch, position: int, agent: Any, started: float
+    ) -> tuple[BaseException | None, bool]:
+        """Run one agent in its own context; return (its error or None, timed out)."""
+        timeout = step.cfg.timeout
+        current_position.set(position)
+        try:
+            decision = dispatch(agent)
+            kind = decision.kind
+            with step.lock:
+                self.agent, self.position, self.started = agent, position, started
+                self.on_loop = kind == _ON_THREAD_LOOP
+                decision.ran += 1
+            result = step.call(agent, decision.name)
+            if kind == _ON_THREAD_LOOP and _run_on_home_loop(step, result, timeout):
+                return _timeout_error(agent, timeout, in_thread=False), True  # type: ignore[arg-type]
+        except Exception as exc:
+            return exc, False
+        return None, False
+
 
 #: How long after an async agent's own timeout (enforced on its loop) the step gives
 #: up on the thread that waits for it, in seconds: only if that loop is blocked.
 _LOOP_TIMEOUT_GRACE: Final = 1.0
-
-
-def _run_threaded_runner(
-    step: Step, me: _Runner, dispatch: _Dispatch, *, nested: bool = False
-) -> None:
-    context = step.context
-    # A nested step run right here, in the worker of the agent that started it, runs
-    # one agent at a time on that agent's permit.
-    cap = None if nested else step.cap
-    while not me.abandoned and (position := step.claim()) is not None:
-        agent = step.lookup(position)
-        if agent is None:
-            continue
-        if cap is not None and not permits.acquire(cap, step.halted):
-            step.turns.pass_turn(position)  # the step stopped while it waited
-            return
-        if cap is not None and step.stop:  # halted as the permit came: it goes back
-            permits.release()
-            step.turns.pass_turn(position)
-            return
-        started = step.start()
-        # Each agent in a fresh copy of the caller's context, as asyncio.to_thread does:
-        # what one agent sets there is not seen by the next one of this runner.
-        try:
-            error, timed_out = context.copy().run(
-                _run_threaded_agent, step, me, dispatch, position, agent, started
-            )
-        finally:
-            if cap is not None:
-                permits.release()  # when the call has really returned, even if abandoned
-        with step.lock:
-            abandoned = me.abandoned
-            me.agent = None
-        if abandoned:  # the caller already reported it as timed out and moved on
-            return
-        step.finish(position, agent, started, error, timed_out=timed_out)
-        del agent
-
-
-def _run_threaded_agent(
-    step: Step, me: _Runner, dispatch: _Dispatch, position: int, agent: Any, started: float
-) -> tuple[BaseException | None, bool]:
-    """Run one agent in a threading-mode runner; return (its error or None, timed out)."""
-    timeout = step.cfg.timeout
-    current_position.set(position)  # in this agent's own context
-    try:
-        decision = dispatch(agent)
-        kind = decision.kind
-        with step.lock:
-            me.agent, me.position, me.started = agent, position, started
-            me.on_loop = kind == _ON_THREAD_LOOP
-            decision.ran += 1
-        result = step.call(agent, decision.name)
-        if kind == _ON_THREAD_LOOP and _run_on_home_loop(step, result, timeout):
-            return _timeout_error(agent, timeout, in_thread=False), True  # type: ignore[arg-type]
-    except Exception as exc:
-        return exc, False
-    return None, False
 
 
 #: Set while an async-only agent of a threading-mode step runs on the home loop: its
@@ -1598,7 +1608,7 @@ def run_step_threaded(step: Step) -> None:
         # A step started from inside an agent that holds a pool thread (an agent
         # stepping its sub-agents) runs right here: waiting for free workers could
         # deadlock once such agents hold them all.
-        _run_threaded_runner(step, _Runner(), dispatch, nested=step.lent > 0)
+        _Runner().run(step, dispatch, nested=step.lent > 0)
         return
 
     try:
@@ -1610,16 +1620,7 @@ def run_step_threaded(step: Step) -> None:
     k = min(step.n, cfg.max_concurrency or step.n, cfg.max_workers)
     with pool.lease(cfg.max_workers) as executor:
         running: dict[concurrent.futures.Future[None], _Runner] = {}
-
-        def start_runner() -> concurrent.futures.Future[None]:
-            runner = _Runner()
-            # Each agent runs in its own copy of the caller's context (see the runner).
-            job = functools.partial(_run_threaded_runner, step, runner, dispatch)
-            future = executor.submit(job)
-            running[future] = runner
-            return future
-
-        waiting = _Waiting(step, running, executor, start_runner, k)
+        waiting = _Waiting(step, dispatch, running, executor, k)
         try:
             if drive_home:
                 run_coroutine_sync(waiting.wait_async, loop_policy=cfg.loop, model=step.model)
@@ -1658,15 +1659,16 @@ class _Waiting:
     def __init__(
         self,
         step: Step,
+        dispatch: _Dispatch,
         running: dict[concurrent.futures.Future[None], _Runner],
         executor: WorkerPool,
-        start_runner: Callable[[], concurrent.futures.Future[None]],
         k: int,
     ) -> None:
         self.step = step
+        self.dispatch = dispatch
+        #: Every runner started, by its job's future (filled in here; read by the caller).
         self.running = running
         self.executor = executor
-        self.start_runner = start_runner
         self.k = k
         self.timeout = step.cfg.timeout
         self._lock = threading.Lock()
@@ -1677,12 +1679,14 @@ class _Waiting:
     def release(self) -> None:
         """Let go of the step (a runner's future keeps this object a little longer)."""
         self.step = None  # type: ignore[assignment]
+        self.dispatch = None  # type: ignore[assignment]
         self.running = {}
         self.executor = None  # type: ignore[assignment]
-        self.start_runner = None  # type: ignore[assignment]
 
     def _add_runner(self) -> None:
-        future = self.start_runner()
+        runner = _Runner()
+        future = self.executor.submit(functools.partial(runner.run, self.step, self.dispatch))
+        self.running[future] = runner
         with self._lock:
             self.pending.add(future)
         future.add_done_callback(self._runner_done)
@@ -1842,7 +1846,7 @@ def run_step_sync(step: Step, model: Any) -> None:
                 # this loop. Run this one right here, without a loop: sync methods one
                 # after another; an async-only agent here fails with that error.
                 dispatch = step.dispatch = _Dispatch(step.method, threading_mode=True, cfg=step.cfg)
-                _run_threaded_runner(step, _Runner(), dispatch)
+                _Runner().run(step, dispatch)
 
 
 async def run_step_in_loop(step: Step, model: Any) -> None:
