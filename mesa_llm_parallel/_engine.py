@@ -410,6 +410,8 @@ class Step:
         self.started_at = time.perf_counter()
         self.ended_at: float | None = None
         self.interrupted = False
+        #: The report made when the step closed (None before).
+        self.final_report: StepReport | None = None
         self.progress = _progress_bar(self.n, mode) if cfg.progress and self.n else None
 
     def agent_at(self, position: int) -> Any:
@@ -597,7 +599,7 @@ class Step:
             self.interrupted = interrupted
         if self.progress is not None:
             self.progress.close()
-        report = self.report()
+        report = self.final_report = self.report()
         if model is not None:
             store_report(model, report)
             run_callbacks(model, report)
@@ -878,6 +880,13 @@ class _AsyncStep:
                     call.timer.cancel()
             self.holds.close()
 
+    def running_in_threads(self) -> int:
+        """Sync agents started in the pool whose call has not come back (any thread).
+
+        Agents already reported as timed out are not counted: they are failures.
+        """
+        return sum(1 for call in list(self.pool_calls) if not call.ended)
+
     def _settle(self) -> None:
         """After any change: start more agents, drop waiting starts, or end the step."""
         if self.stopping:
@@ -1003,100 +1012,107 @@ class _AsyncStep:
         ran = done = 0
         busy = 0.0
         cap = self.cap
-        while self.active < k and not step.stop and self.permit_wait is None:
-            position = next_position()
-            if position >= n:
-                self.exhausted = True
-                break
-            entry = entries[position]
-            if owner is not None:
-                agent = entry if entry in owner._agents else None
-            else:
-                agent = resolve(entry)
-            if agent is None:  # removed earlier in the step: Mesa's loop skips it
-                step.skip(position)
-                continue
-            if cap is not None and not self._acquire(position):
-                break  # the process's quota is full: this agent starts when a permit frees
-            decision = decisions.get(type(agent))
-            if decision is None or not (
-                decision.inline or (decision.record is not None and decision.record.inline)
-            ):
-                if ran:
-                    count_run(ran, done, busy)
+        try:
+            while self.active < k and not step.stop and self.permit_wait is None:
+                position = next_position()
+                if position >= n:
+                    self.exhausted = True
+                    break
+                entry = entries[position]
+                if owner is not None:
+                    agent = entry if entry in owner._agents else None
+                else:
+                    agent = resolve(entry)
+                if agent is None:  # removed earlier in the step: Mesa's loop skips it
+                    step.skip(position)
+                    continue
+                if cap is not None and not self._acquire(position):
+                    break  # the process's quota is full: this agent starts when a permit frees
+                decision = decisions.get(type(agent))
+                if decision is None or not (
+                    decision.inline or (decision.record is not None and decision.record.inline)
+                ):
+                    if ran:
+                        count_run(ran, done, busy)
+                        ran = done = 0
+                        busy = 0.0
+                    if decision is not None and decision.kind == _AWAIT and timeout is None:
+                        # An async agent: one task, in its own copy of the caller's context.
+                        name = decision.name
+                        decision.ran += 1
+                        context = task_context()
+                        context.run(set_position, position)
+                        starts[position] = now = count_start()
+                        try:
+                            if name:
+                                coro = getattr(agent, name)(*args, **kwargs)
+                            else:
+                                coro = call(agent, None)
+                            task = create_task(coro, context=context)
+                        except Exception as exc:
+                            if cap is not None:
+                                self._release(position)
+                            step.finish(position, agent, now, exc)
+                            continue
+                        self.active += 1
+                        keep(task)
+                        task.add_done_callback(task_done, context=context)
+                        continue
+                    self._start_agent(position, agent, decision)
+                    now = perf_counter()
+                    continue
+                # An inline agent: Step.call_inline, spelled out (this loop is the hot path).
+                started = now
+                ran += 1
+                name = decision.name
+                try:
+                    if decision.kind == _NOOP:
+                        call(agent, name)
+                    else:
+                        turns.inline_position = position
+                        if plain and name is not None:
+                            copy().run(getattr(agent, name))
+                        else:
+                            copy().run(call, agent, name)
+                        turns.inline_position = -1
+                except Exception as exc:
+                    turns.inline_position = -1
+                    if cap is not None:
+                        self._release(position)
+                    count_run(ran - 1, done, busy)  # the failed agent is counted on its own
                     ran = done = 0
                     busy = 0.0
-                if decision is not None and decision.kind == _AWAIT and timeout is None:
-                    # An async agent: one task, in its own copy of the caller's context.
-                    name = decision.name
-                    decision.ran += 1
-                    context = task_context()
-                    context.run(set_position, position)
-                    starts[position] = now = count_start()
-                    try:
-                        coro = getattr(agent, name)(*args, **kwargs) if name else call(agent, None)
-                        task = create_task(coro, context=context)
-                    except Exception as exc:
-                        if cap is not None:
-                            self._release(position)
-                        step.finish(position, agent, now, exc)
-                        continue
-                    self.active += 1
-                    keep(task)
-                    task.add_done_callback(task_done, context=context)
+                    count_start()
+                    step.finish(position, agent, started, exc)
+                    now = perf_counter()
+                    self._inline_ended(decision, now - started, exc)
                     continue
-                self._start_agent(position, agent, decision)
                 now = perf_counter()
-                continue
-            # An inline agent: Step.call_inline, spelled out (this loop is the hot path).
-            started = now
-            ran += 1
-            name = decision.name
-            try:
-                if decision.kind == _NOOP:
-                    call(agent, name)
-                else:
-                    turns.inline_position = position
-                    if plain and name is not None:
-                        copy().run(getattr(agent, name))
-                    else:
-                        copy().run(call, agent, name)
-                    turns.inline_position = -1
-            except Exception as exc:
-                turns.inline_position = -1
                 if cap is not None:
                     self._release(position)
-                count_run(ran - 1, done, busy)  # the failed agent is counted on its own
-                ran = done = 0
-                busy = 0.0
-                count_start()
-                step.finish(position, agent, started, exc)
-                now = perf_counter()
-                self._inline_ended(decision, now - started, exc)
-                continue
-            now = perf_counter()
-            if cap is not None:
-                self._release(position)
-            took = now - started
-            busy += took
-            done += 1
-            passed[position] = 1  # the turn passes: the write, then the check (see Turnstile)
-            if turns.tracking:
-                pass_turn(position)
-            if progress is not None:
-                progress.update(1)
-            if decision.inline:
-                decision.ran += 1
-            else:
-                decision.ran_inline += 1
-                if took > stall_bound:
-                    self._stalled(decision, took)
-            if now > sliced_at:
-                # A long run of inline agents: let the loop breathe, then go on.
-                count_run(ran, done, busy)
-                self.fill_pending = True
-                self.loop.call_soon(self._fill)
-                return
+                took = now - started
+                busy += took
+                done += 1
+                passed[position] = 1  # the turn passes: the write, then the check (see Turnstile)
+                if turns.tracking:
+                    pass_turn(position)
+                if progress is not None:
+                    progress.update(1)
+                if decision.inline:
+                    decision.ran += 1
+                else:
+                    decision.ran_inline += 1
+                    if took > stall_bound:
+                        self._stalled(decision, took)
+                if now > sliced_at:
+                    # A long run of inline agents: let the loop breathe, then go on.
+                    count_run(ran, done, busy)
+                    self.fill_pending = True
+                    self.loop.call_soon(self._fill)
+                    return
+        except BaseException:
+            count_run(ran, done, busy)  # interrupted inside an inline agent: count the run
+            raise
         if ran:
             count_run(ran, done, busy)
         self._settle()
@@ -1823,9 +1839,70 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
         raise
 
 
+def interrupted_error(step: Step, report: StepReport) -> KeyboardInterrupt:
+    """The ``KeyboardInterrupt`` raised in place of a Ctrl-C that ended ``step``.
+
+    Its message says what became of the step's agents and how to go on, instead of the
+    frames of the event loop or the wait that the interrupt landed in. ``report`` is the
+    step's final report; it is attached as ``exception.mesa_llm_parallel_report``.
+    """
+    failed = len(report.failures)
+    ended = report.completed + failed
+    unfinished = report.started - ended
+    if step.mode == "threading":
+        in_threads = unfinished  # a thread cannot be stopped: every started agent goes on
+    else:
+        driver = step.driver
+        in_threads = min(unfinished, driver.running_in_threads() if driver is not None else 0)
+    cancelled = unfinished - in_threads
+    not_started = report.agents - report.started - report.skipped
+    counts = f"{ended} of {report.agents} agents finished"
+    if failed:
+        counts += f" ({failed} failed)"
+    if cancelled:
+        counts += f", {cancelled} cancelled"
+    if not_started:
+        counts += f", {not_started} never started"
+    if report.skipped:
+        counts += f", {report.skipped} skipped (removed from their set)"
+    if in_threads:
+        counts += (
+            f"; {in_threads} started in threads cannot be stopped and may still finish "
+            "in the background"
+        )
+    if step.model is not None:
+        go_on = "the next model.step() runs normally. Details: mlp.last_step_report(model)."
+    else:
+        go_on = "the next one runs normally. Details: exception.mesa_llm_parallel_report."
+    error = KeyboardInterrupt(
+        f"parallel step interrupted ({report.mode} mode): {counts}. The model is left "
+        "part-way through the step (an unfinished agent may have done part of its own); "
+        f"the step is not re-run, and {go_on}"
+    )
+    error.mesa_llm_parallel_report = report  # type: ignore[attr-defined]
+    return error
+
+
 def run_step_sync(step: Step, model: Any) -> None:
-    """Run ``step`` from synchronous code in its mode, then close it (see _step_scope)."""
+    """Run ``step`` from synchronous code in its mode, then close it (see _step_scope).
+
+    A Ctrl-C (a plain ``KeyboardInterrupt``) is raised again as a short one that says
+    what became of the step (:func:`interrupted_error`): interrupts of other kinds
+    (``batch_run`` stopping a run, subclasses) pass unchanged.
+    """
+    __tracebackhide__ = True  # IPython and pytest show the caller's frames, not this one
     step.model = model
+    try:
+        _run_step_sync(step, model)
+    except KeyboardInterrupt as interrupt:
+        report = step.final_report
+        if type(interrupt) is not KeyboardInterrupt or report is None:
+            raise  # batch_run stopping a run, or not an interrupt of this step
+        # What became of the step's agents, instead of the frames the interrupt landed in:
+        raise interrupted_error(step, report) from None
+
+
+def _run_step_sync(step: Step, model: Any) -> None:
     with _step_scope(step, model):
         if step.mode == "threading":
             run_step_threaded(step)

@@ -81,6 +81,7 @@ def _make_parallel(original: Callable[..., Any], settings: Any, name: str) -> Ca
         if _displaced():
             _take_back(settings)
         entries, resolve = members(self, shuffle=shuffle)
+        __tracebackhide__ = True  # IPython and pytest: the user's frames, not this one
         step = Step(
             entries=entries,
             resolve=resolve,
