@@ -81,7 +81,17 @@ def _make_parallel(original: Callable[..., Any], settings: Any, name: str) -> Ca
         if _displaced():
             _take_back(settings)
         entries, resolve = members(self, shuffle=shuffle)
-        run_step_sync(Step(entries, resolve, method, args, kwargs, cfg, cfg.mode), model)
+        __tracebackhide__ = True  # IPython and pytest: the user's frames, not this one
+        step = Step(
+            entries=entries,
+            resolve=resolve,
+            method=method,
+            args=args,
+            kwargs=kwargs,
+            cfg=cfg,
+            mode=cfg.mode,
+        )
+        run_step_sync(step, model)
         return self
 
     setattr(parallel, _MARK, original)

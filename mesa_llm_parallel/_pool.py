@@ -1,7 +1,8 @@
 """The library's thread pool: created lazily, reused across steps, resizable at any time.
 
-Core objects: :class:`WorkerPool` (a fixed-size pool of worker threads) and
-:class:`ResizablePool` (the one the library uses, which swaps pools on resize).
+Core objects: :class:`WorkerPool` (a fixed-size pool of worker threads),
+:class:`ResizablePool` (which swaps pools on resize) and :data:`pool`, the one
+resizable pool that every step of the process leases from.
 
 A step *leases* a pool of the size it read from the settings when it started and keeps
 it for its whole duration. When a later step asks for another size, a new pool is made
@@ -38,7 +39,7 @@ import threading
 import weakref
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import Any, Final
 
 __all__ = [
     "ResizablePool",
@@ -46,6 +47,7 @@ __all__ = [
     "WorkerPool",
     "check_stuck_threads",
     "is_pool_thread",
+    "pool",
     "stuck_threads",
 ]
 
@@ -291,11 +293,11 @@ class ResizablePool:
             if done:
                 self._retire(entry.pool)
 
-    def _retire(self, pool: WorkerPool) -> None:
-        pool.shutdown(wait=False)
+    def _retire(self, workers: WorkerPool) -> None:
+        workers.shutdown(wait=False)
         with self._lock:
             self._retired = [old for old in self._retired if old.alive()]
-            self._retired.append(pool)
+            self._retired.append(workers)
 
     def replace(self) -> None:
         """Give the next step a fresh pool; the current one retires once no step uses it.
@@ -330,8 +332,12 @@ class ResizablePool:
         if entry is not None and idle:
             entry.pool.shutdown(wait=wait)
         if wait:
-            for pool in retired:
-                pool.shutdown(wait=True)
+            for workers in retired:
+                workers.shutdown(wait=True)
+
+
+#: The library's one thread pool, shared by every step of the process.
+pool: Final = ResizablePool()
 
 
 def _reset_after_fork() -> None:
@@ -344,8 +350,8 @@ def _reset_after_fork() -> None:
     _pool_threads = threading.local()  # the forking thread is no worker in the child
     _stuck = {}
     _stuck_lock = threading.Lock()
-    for pool in list(_resizable_pools):
-        pool._forget()
+    for resizable in list(_resizable_pools):
+        resizable._forget()
 
 
 os.register_at_fork(after_in_child=_reset_after_fork)

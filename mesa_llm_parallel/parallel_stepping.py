@@ -26,7 +26,8 @@ import mesa
 
 from mesa_llm_parallel import _loops, _patch
 from mesa_llm_parallel._agentsets import first_agent, shuffled_members
-from mesa_llm_parallel._engine import Step, model_of, pool, run_step_in_loop, run_step_sync
+from mesa_llm_parallel._engine import Step, model_of, run_step_in_loop, run_step_sync
+from mesa_llm_parallel._pool import pool
 from mesa_llm_parallel._settings import NOT_GIVEN, Mode, settings
 
 __all__ = [
@@ -176,9 +177,8 @@ async def step_agents_parallel(
     """
     agents = list(agents)
     cfg = settings.snapshot()
-    await run_step_in_loop(
-        Step(agents, None, method, args, kwargs, cfg, "asyncio"), model_of(agents)
-    )
+    step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="asyncio")
+    await run_step_in_loop(step, model_of(agents))
 
 
 def step_agents_parallel_sync(
@@ -191,7 +191,8 @@ def step_agents_parallel_sync(
     """
     agents = list(agents)
     cfg = settings.snapshot()
-    run_step_sync(Step(agents, None, method, args, kwargs, cfg, "asyncio"), model_of(agents))
+    step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="asyncio")
+    run_step_sync(step, model_of(agents))
 
 
 def step_agents_multithreaded(
@@ -204,7 +205,8 @@ def step_agents_multithreaded(
     """
     agents = list(agents)
     cfg = settings.snapshot()
-    run_step_sync(Step(agents, None, method, args, kwargs, cfg, "threading"), model_of(agents))
+    step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="threading")
+    run_step_sync(step, model_of(agents))
 
 
 async def ashuffle_do[S](
@@ -223,7 +225,15 @@ async def ashuffle_do[S](
         )
     model = getattr(first_agent(agentset), "model", None)
     entries, resolve = shuffled_members(agentset)
-    step = Step(entries, resolve, method, args, kwargs, settings.snapshot(), "asyncio")
+    step = Step(
+        entries=entries,
+        resolve=resolve,
+        method=method,
+        args=args,
+        kwargs=kwargs,
+        cfg=settings.snapshot(),
+        mode="asyncio",
+    )
     await run_step_in_loop(step, model)
     return agentset
 

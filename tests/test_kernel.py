@@ -304,6 +304,11 @@ def test_interrupt_stops_a_step_and_the_model_steps_normally_after(kernel, mode)
     reply = kernel.reply(step, timeout=INTERRUPT_REPLY_TIMEOUT)
     assert reply["status"] == "error"
     assert reply["ename"] == "KeyboardInterrupt"
+    # The cell's frames and Mesa's, then one of the library's: not the loop it landed in.
+    traceback = ANSI.sub("", "\n".join(reply["traceback"]))
+    for internal in ("_loops.py", "asyncio/", "nest_asyncio", "selectors.py"):
+        assert internal not in traceback, traceback
+    assert traceback.count("mesa_llm_parallel/") == 1, traceback
     # After an error ipykernel aborts requests that arrive before it has gone idle.
     kernel.output(step)
 
@@ -329,6 +334,36 @@ def test_interrupt_stops_a_step_and_the_model_steps_normally_after(kernel, mode)
     assert after["time"] == interrupted["time"] + 1
     assert after["interrupted"] is False
     assert after["started"] == 20
+
+
+@pytest.mark.parametrize("kind", ["async", "sync"])
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_an_interrupted_step_shows_a_short_message_with_the_counts(kernel, mode, kind):
+    setup = (
+        SETUP
+        + f"mlp.enable_automatic_parallel_stepping(mode={mode!r}, max_workers=8)\n"
+        + f"m = Calls(n=40, latency={AGENT_WAIT})\n"
+    )
+    if kind == "sync":
+        setup += "del Caller.astep\n"  # only the sync step: in threads in both modes
+    kernel.run(setup)
+    every_async_agent = mode == "asyncio" and kind == "async"
+    step = kernel.send('m.agents.shuffle_do("step")')
+    kernel.wait_for_output("started", count=40 if every_async_agent else 8)
+    kernel.manager.interrupt_kernel()
+    reply = kernel.reply(step, timeout=INTERRUPT_REPLY_TIMEOUT)
+    kernel.output(step)
+    kernel.run("m.release.set()")  # the sync agents' threads return
+
+    assert reply["ename"] == "KeyboardInterrupt"
+    if every_async_agent:
+        counts = "0 of 40 agents finished, 40 cancelled."
+    else:  # one agent per worker; the others wait for one
+        counts = "0 of 40 agents finished, 32 never started; 8 started in threads"
+    assert reply["evalue"].startswith(f"parallel step interrupted ({mode} mode): {counts}")
+    traceback = ANSI.sub("", "\n".join(reply["traceback"]))
+    assert counts in traceback
+    assert len(traceback) < 1_500, traceback
 
 
 def test_a_panel_run_in_a_cell_steps_on_the_kernel_loop_the_model_calls_home(kernel):

@@ -14,7 +14,7 @@ import time
 import mesa
 import pytest
 from models import AsyncAgent, SyncAgent, ToyModel
-from support import steps_of
+from support import run_python, steps_of
 
 import mesa_llm_parallel as mlp
 from mesa_llm_parallel import _engine
@@ -370,6 +370,135 @@ def test_ctrl_c_interrupts_the_step_and_the_next_step_runs_every_agent(mode):
     assert sorted(model.tracker.starts) == sorted(a.unique_id for a in model.agents)
     names = [t.name for t in threading.enumerate()]
     assert threading.active_count() <= threads_before + 4, names
+
+
+@pytest.mark.skipif(threading.current_thread() is not threading.main_thread(), reason="signals")
+@pytest.mark.parametrize("mode", MODES)
+def test_ctrl_c_says_what_became_of_the_agents_instead_of_where_it_landed(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=4)
+    model = scripted_model(8, dict.fromkeys(range(1, 9), ("hang", 30.0)))
+    four_started = threading.Event()
+    original_enter = model.tracker.enter
+
+    def enter(agent):
+        original_enter(agent)
+        if len(model.tracker.starts) == 4:
+            four_started.set()
+
+    model.tracker.enter = enter
+    firing = _interrupt_when(four_started)
+    with pytest.raises(KeyboardInterrupt) as info:
+        model.step()
+    firing.join()
+    model.release.set()
+    error = info.value
+    assert type(error) is KeyboardInterrupt
+    assert error.__suppress_context__  # "During handling of the above..." is not shown
+    report = mlp.last_step_report(model)
+    assert error.mesa_llm_parallel_report is report
+    message = str(error)
+    assert message.startswith(f"parallel step interrupted ({mode} mode): 0 of 8 agents finished")
+    if mode == "asyncio":  # every async agent starts at once, and is cancelled
+        assert report.started == 8
+        assert "0 of 8 agents finished, 8 cancelled. " in message
+    else:  # one agent per worker; a thread cannot be stopped
+        assert report.started == 4
+        assert "4 never started; 4 started in threads cannot be stopped" in message
+    assert "the next model.step() runs normally" in message
+    assert "mlp.last_step_report(model)" in message
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_an_interrupt_of_another_kind_passes_unchanged(mode):
+    # batch_run stops a run with its own KeyboardInterrupt subclass, and expects it back.
+    class Stopped(KeyboardInterrupt):
+        pass
+
+    class Stopping(mesa.Agent):
+        def step(self):
+            raise Stopped("stop this run")
+
+    mlp.enable_automatic_parallel_stepping(mode=mode)
+    model = ToyModel(3, SyncAgent)
+    Stopping(model)
+    with pytest.raises(Stopped, match="stop this run") as info:
+        model.step()
+    assert not info.value.__suppress_context__
+    assert not hasattr(info.value, "mesa_llm_parallel_report")
+
+
+def test_an_interrupt_inside_an_inline_agent_counts_the_agents_called_before_it():
+    # Inline agents are counted a run at a time; an interrupt inside one ends the run.
+    calls = itertools.count(1)
+
+    class Cheap(mesa.Agent):
+        def step(self):
+            if next(calls) == 4:
+                raise KeyboardInterrupt
+
+    mlp.enable_automatic_parallel_stepping(mode="asyncio", run_sync_inline=True)
+    model = mesa.Model(rng=1)
+    for _ in range(8):
+        Cheap(model)
+    with pytest.raises(KeyboardInterrupt) as info:
+        mlp.step_agents_parallel_sync(model.agents)
+    report = mlp.last_step_report(model)
+    assert (report.started, report.completed) == (4, 3)
+    assert "3 of 8 agents finished, 1 cancelled, 4 never started. " in str(info.value)
+
+
+INTERRUPTED_SCRIPT = """
+    import asyncio, os, signal, threading, time
+
+    import mesa
+
+    import mesa_llm_parallel as mlp
+
+    started = threading.Semaphore(0)
+
+    class Caller(mesa.Agent):
+        async def astep(self):
+            started.release()
+            await asyncio.sleep(30)
+
+        def step(self):
+            started.release()
+            time.sleep(30)
+
+    if {sync!r}:
+        del Caller.astep
+
+    model = mesa.Model(rng=1)
+    for _ in range(40):
+        Caller(model)
+    model.parallel_stepping = True
+    mlp.enable_automatic_parallel_stepping(mode={mode!r}, max_workers=8)
+
+    def interrupt():
+        for _ in range(8):
+            started.acquire()
+        os.kill(os.getpid(), signal.SIGINT)
+
+    threading.Thread(target=interrupt, daemon=True).start()
+    model.agents.shuffle_do("step")
+"""
+
+
+@pytest.mark.parametrize("sync", [False, True], ids=["async-agents", "sync-agents"])
+@pytest.mark.parametrize("mode", MODES)
+def test_a_script_stopped_by_ctrl_c_prints_a_short_traceback_with_the_counts(mode, sync):
+    result = run_python(INTERRUPTED_SCRIPT.format(mode=mode, sync=sync))
+    assert result.returncode != 0
+    error = result.stderr
+    if mode == "asyncio" and not sync:
+        counts = "0 of 40 agents finished, 40 cancelled."
+    else:  # eight in the threads (one per worker), the rest waiting for one
+        counts = "0 of 40 agents finished, 32 never started; 8 started in threads"
+    assert f"KeyboardInterrupt: parallel step interrupted ({mode} mode): {counts}" in error
+    # The script's line, the two library frames it went through, and the message; not
+    # the event loop, the selector or the wait where the signal landed.
+    assert error.count("  File ") == 3, error
+    assert len(error) < 1_500, error
 
 
 def test_cancelling_an_awaiting_caller_cancels_the_agents():

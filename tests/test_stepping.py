@@ -14,7 +14,8 @@ from models import AsyncAgent, BothAgent, SyncAgent, ToyModel
 from support import agent_set_classes
 
 import mesa_llm_parallel as mlp
-from mesa_llm_parallel import _loops
+from mesa_llm_parallel import _loops, _pool
+from mesa_llm_parallel._engine import Step
 
 AgentSet, _HardKeyAgentSet = agent_set_classes()
 
@@ -95,6 +96,24 @@ def test_pool_size_caps_threads_in_threading_mode():
     assert model.tracker.peak == 4
     assert len(model.tracker.threads) == 4
     assert threading.get_ident() not in model.tracker.threads
+
+
+@pytest.mark.parametrize("mode", ["asyncio", "threading"])
+def test_steps_lease_the_one_pool_that_lives_beside_its_class(mode):
+    mlp.enable_automatic_parallel_stepping(mode=mode, max_workers=3, run_sync_inline=False)
+    ToyModel(6, SyncAgent).step()
+    assert isinstance(_pool.pool, _pool.ResizablePool)
+    assert _pool.pool.size == 3  # the pool the step used
+    mlp.shutdown()
+    assert _pool.pool.size is None  # and the one shutdown releases
+
+
+def test_a_step_takes_its_arguments_by_keyword_only():
+    cfg = mlp.settings.snapshot()
+    with pytest.raises(TypeError, match="positional"):
+        Step([], None, "step", (), {}, cfg, "asyncio")  # type: ignore[misc]
+    step = Step(entries=[], method="step", cfg=cfg, mode="asyncio")
+    assert (step.args, step.kwargs, step.n) == ((), {}, 0)
 
 
 def test_asyncio_mode_runs_async_agents_on_one_thread_and_sync_agents_in_the_pool():
