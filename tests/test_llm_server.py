@@ -121,35 +121,129 @@ def test_models_endpoint_lists_the_model():
     assert [(m["id"], m["object"]) for m in data["data"]] == [("tiny-llm", "model")]
 
 
+def _schema_format(json_schema: dict) -> dict:
+    return {"type": "json_schema", "json_schema": json_schema}
+
+
 @pytest.mark.parametrize(
-    ("payload", "fragment"),
+    ("payload", "param", "fragment"),
     [
-        (b"{not json", "not valid JSON"),
-        (b"[1, 2]", "JSON object"),
-        ({"messages": [{"role": "user", "content": "x"}]}, "'model'"),
-        ({"model": "m", "messages": []}, "'messages'"),
-        ({"model": "m", "messages": ["hi"]}, "'role'"),
-        (_body(stream="yes"), "'stream' must be true or false, got 'yes'"),
-        (_body(tools={"f": 1}), "'tools' must be an array"),
-        (_body(tools=[{"type": "function"}]), "every tool must be"),
-        (_body(tool_choice="always"), "'tool_choice' must be one of 'none', 'auto'"),
+        (b"{not json", None, "not valid JSON"),
+        (b"[1, 2]", None, "JSON object"),
+        ({"messages": [{"role": "user", "content": "x"}]}, "model", "'model'"),
+        ({"model": "m", "messages": []}, "messages", "'messages'"),
+        ({"model": "m", "messages": ["hi"]}, "messages[0]", "messages[0] is 'hi'"),
+        (
+            {"model": "m", "messages": [{"content": "hi"}]},
+            "messages[0].role",
+            "messages[0] has no 'role'",
+        ),
+        (
+            {
+                "model": "m",
+                "messages": [
+                    {"role": "system", "content": "be brief"},
+                    {"role": "user", "content": "hi"},
+                    {"role": "robot", "content": "beep"},
+                ],
+            },
+            "messages[2].role",
+            "messages[2] has the role 'robot'; a message's 'role' is one of 'system', "
+            "'developer', 'user', 'assistant', 'tool', 'function'",
+        ),
+        (_body(stream="yes"), "stream", "'stream' must be true or false, got 'yes'"),
+        (_body(tools={"f": 1}), "tools", "'tools' must be an array"),
+        (_body(tools=[_tool("ok"), {"type": "function"}]), "tools[1]", "every tool must be"),
+        (_body(tool_choice="always"), "tool_choice", "'tool_choice' must be one of 'none', 'auto'"),
         (
             _body(tools=[_tool("vote")], tool_choice=_named("abstain")),
+            "tool_choice",
             "names the function 'abstain', which is not among the tools ['vote']",
         ),
-        (_body(response_format={"type": "yaml"}), "'type' is one of 'text', 'json_object'"),
-        (_body(response_format={"type": "json_schema"}), "needs 'json_schema'"),
-        (_body(seed=1.5), "'seed' must be an integer, got 1.5"),
+        (
+            _body(tool_choice="required"),
+            "tool_choice",
+            "'tool_choice' 'required' needs 'tools' to call, and the request offers none",
+        ),
+        (
+            _body(tools=[], tool_choice=_named("vote")),
+            "tool_choice",
+            "needs 'tools' to call, and the request offers none",
+        ),
+        (
+            _body(response_format={"type": "yaml"}),
+            "response_format.type",
+            "'type' is one of 'text', 'json_object'",
+        ),
+        (
+            _body(response_format="json"),
+            "response_format",
+            "'response_format' must be an object",
+        ),
+        (
+            _body(response_format={"type": "json_schema"}),
+            "response_format.json_schema",
+            "needs 'json_schema'",
+        ),
+        (
+            _body(response_format=_schema_format({"name": "x"})),
+            "response_format.json_schema.schema",
+            "'response_format.json_schema' has no 'schema'",
+        ),
+        (
+            _body(response_format=_schema_format({"name": "x", "schema": "object"})),
+            "response_format.json_schema.schema",
+            "has the schema 'object'",
+        ),
+        (
+            _body(response_format=_schema_format({"schema": {"type": "object"}})),
+            "response_format.json_schema.name",
+            "'response_format.json_schema.name' must be 1 to 64 letters, digits, '_' or '-'",
+        ),
+        (
+            _body(response_format=_schema_format({"name": "my answer", "schema": {}})),
+            "response_format.json_schema.name",
+            "got 'my answer'",
+        ),
+        (_body(seed=1.5), "seed", "'seed' must be an integer, got 1.5"),
     ],
 )
-def test_invalid_requests_get_openai_error_bodies(server, conn, payload, fragment):
+def test_invalid_requests_get_openai_error_bodies(server, conn, payload, param, fragment):
     response, data = _post(conn, payload)
     assert response.status == 400
     assert data["error"]["type"] == "invalid_request_error"
+    assert data["error"]["param"] == param
     assert fragment in data["error"]["message"]
     stats = server.stats()
     assert (stats.requests, stats.errors, stats.completed) == (1, 1, 0)
     assert _post(conn, _body())[0].status == 200  # the connection stays usable
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"tool_choice": "none"},
+        {"tool_choice": "auto"},
+        {"tools": [], "tool_choice": "auto"},
+        {"messages": [{"role": r, "content": "x"} for r in ("developer", "user", "function")]},
+    ],
+)
+def test_requests_the_api_accepts_are_answered(conn, extra):
+    response, data = _post(conn, {**_body(), **extra})
+    assert response.status == 200, data
+
+
+def test_the_openai_client_sees_the_param_of_a_400():
+    openai = _openai()
+    with LoopbackLLMServer() as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="m", messages=[{"role": "user", "content": "x"}], tool_choice="required"
+            )
+        client.close()
+    assert caught.value.param == "tool_choice"
+    assert caught.value.status_code == 400
 
 
 def test_unknown_path_and_wrong_method(server, conn):
@@ -550,6 +644,83 @@ def test_the_old_module_names_are_the_new_modules(monkeypatch):
     assert data["choices"][0]["message"]["content"] == "patched"
 
 
+SERVER_NAMES = sorted(
+    {
+        "ChatRequest",
+        "ChatReply",
+        "ToolCall",
+        "default_reply",
+        "deterministic_reply",
+        "schema_example",
+        "LoopbackLLMServer",
+        "ServerStats",
+        "Latency",
+        "LatencySpec",
+        "LATENCY_KINDS",
+        "DEFAULT_MODEL",
+        "TOOL_CHOICES",
+        "MESSAGE_ROLES",
+        "ReplyValue",
+        "Responder",
+    }
+)
+
+
+def test_the_old_server_module_gives_every_name_of_the_server():
+    import mesa_llm_parallel.llm_server as old_server
+    from mesa_llm_parallel import testing
+    from mesa_llm_parallel.llm_server import ChatRequest as OldRequest
+    from mesa_llm_parallel.llm_server import LoopbackLLMServer as OldServer
+    from mesa_llm_parallel.llm_server import ToolCall as OldToolCall
+    from mesa_llm_parallel.llm_server import default_reply as old_default_reply
+    from mesa_llm_parallel.testing import _example, _server
+
+    assert (OldRequest, OldServer, OldToolCall, old_default_reply) == (
+        ChatRequest,
+        LoopbackLLMServer,
+        ToolCall,
+        default_reply,
+    )
+    for name in SERVER_NAMES:
+        assert getattr(old_server, name) is getattr(testing, name), name
+    assert set(SERVER_NAMES) <= set(old_server.__all__)
+    # Every public name of testing is the server's or the chat model's (or the demo's).
+    demo = {"OpinionAgent", "OpinionModel", "ServerLLM", "SimulatedLLM", "server_latency"}
+    assert set(testing.__all__) == set(_server.__all__) | set(_example.__all__) | demo
+
+
+def _doc_imports() -> list[tuple[str, list[str]]]:
+    """The ``from mesa_llm_parallel... import ...`` lines of docs/llm-server.md."""
+    import pathlib
+
+    text = (pathlib.Path(__file__).parent.parent / "docs" / "llm-server.md").read_text()
+    found = []
+    for match in re.finditer(r"^\s*from (mesa_llm_parallel[\w.]*) import ([^\n(]+)$", text, re.M):
+        found.append((match[1], [n.strip() for n in match[2].split(",") if n.strip()]))
+    return found
+
+
+def test_every_import_of_the_docs_works_from_either_path():
+    import importlib
+
+    import mesa_llm_parallel.llm_example as old_example
+    import mesa_llm_parallel.llm_server as old_server
+
+    lines = _doc_imports()
+    assert any("ToolCall" in names for _, names in lines)  # the hook example is found
+    for module, names in lines:
+        if module != "mesa_llm_parallel.testing":
+            continue
+        new = importlib.import_module(module)
+        for name in names:
+            old = old_server if name in SERVER_NAMES else old_example
+            assert getattr(old, name) is getattr(new, name), (name, old.__name__)
+        if set(names) <= set(SERVER_NAMES):  # a server-only line runs as it is written
+            namespace: dict = {}
+            exec(f"from mesa_llm_parallel.llm_server import {', '.join(names)}", namespace)  # noqa: S102
+            assert all(namespace[n] is getattr(new, n) for n in names)
+
+
 # -- the reply hook -------------------------------------------------------------------
 VOTE = {
     "type": "object",
@@ -689,6 +860,68 @@ def test_a_bad_respond_value_gives_500_naming_it(value):
         "a str, a ToolCall, a non-empty sequence of ToolCall or a ChatReply"
         in (data["error"]["message"])
     )
+
+
+def test_a_raising_respond_hook_gives_500_naming_the_exception_and_logs_it(caplog):
+    def respond(request: ChatRequest) -> str:
+        raise ValueError("boom in hook")
+
+    with (
+        caplog.at_level("ERROR", logger="mesa_llm_parallel.testing"),
+        LoopbackLLMServer(respond=respond) as server,
+    ):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        again, _ = _post(conn, _body())  # the server goes on
+        conn.close()
+        stats = server.stats()
+    assert (response.status, again.status) == (500, 500)
+    assert data["error"]["type"] == "server_error"
+    assert data["error"]["message"] == "the reply hook raised ValueError: boom in hook"
+    assert (stats.requests, stats.errors, stats.in_flight) == (2, 2, 0)
+    records = [r for r in caplog.records if "the reply hook raised" in r.getMessage()]
+    assert len(records) == 2
+    assert records[0].levelname == "ERROR"
+    assert records[0].exc_info is not None
+    assert records[0].exc_info[0] is ValueError
+    assert "Traceback" in caplog.text
+
+
+def test_a_raising_reply_function_gives_500_naming_the_exception(caplog):
+    def reply(prompt: str) -> str:
+        raise KeyError(prompt)
+
+    with LoopbackLLMServer(reply=reply) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body("who?"))
+        conn.close()
+    assert response.status == 500
+    assert data["error"]["message"] == "the reply function raised KeyError: 'who?'"
+    assert any(r.exc_info and r.exc_info[0] is KeyError for r in caplog.records)
+
+
+def test_a_reply_function_returning_no_text_gives_500_naming_it():
+    with LoopbackLLMServer(reply=lambda prompt: 3) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        conn.close()
+    assert response.status == 500
+    assert data["error"]["message"] == "the reply function returned 3, not a str"
+
+
+def test_a_hook_calling_default_reply_on_a_bad_schema_is_not_blamed_twice(caplog):
+    def respond(request: ChatRequest):
+        return default_reply(request)
+
+    endless = {"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}
+    body = _body(response_format=_schema_format({"name": "x", "schema": endless}))
+    with LoopbackLLMServer(respond=respond) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, body)
+        conn.close()
+    assert response.status == 500
+    message = data["error"]["message"]
+    assert message.startswith("the reply hook raised ValueError: no finite value is valid")
 
 
 def test_reply_and_respond_are_checked():
@@ -860,6 +1093,131 @@ def test_structured_output_through_the_openai_parse_helper():
     )
 
 
+def _defs(root: dict, **defs: dict) -> dict:
+    return {"$defs": defs, **root}
+
+
+def _ref(name: str) -> dict:
+    return {"$ref": f"#/$defs/{name}"}
+
+
+def _nested(levels: int) -> dict:
+    schema: dict = {"type": "integer"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"x": schema}, "required": ["x"]}
+    return schema
+
+
+def _obj(required: tuple[str, ...] = (), **properties: dict) -> dict:
+    return {"type": "object", "properties": properties, "required": list(required)}
+
+
+RECURSIVE = {
+    "tree (items)": _defs(
+        _ref("Node"),
+        Node=_obj(("name", "children"), name={"type": "string"}, children={"items": _ref("Node")}),
+    ),
+    "linked list (anyOf with null)": _defs(
+        _ref("Link"),
+        Link=_obj(("name", "next"), name={"type": "string"}, next={"anyOf": [_ref("Link"), {}]}),
+    ),
+    "oneOf, the way out last": _defs(
+        _ref("E"),
+        E=_obj(("e",), e={"oneOf": [_ref("E"), {"type": "array", "items": _ref("E")}]}),
+    ),
+    "type list with null": _defs(
+        _ref("T"), T={"type": ["object", "null"], "properties": {"t": _ref("T")}, "required": ["t"]}
+    ),
+    "optional property": _defs(_ref("O"), O=_obj(("n",), n={"type": "integer"}, more=_ref("O"))),
+    "mutual recursion": _defs(
+        _obj(("a",), a=_ref("A")),
+        A=_obj(("b", "bs"), b={"anyOf": [_ref("B"), {"type": "null"}]}, bs={"items": _ref("B")}),
+        B=_obj(("a",), a={"anyOf": [_ref("A"), {"type": "boolean"}]}),
+    ),
+    "an array of a definition with no finite value": _defs(
+        _obj(("x",), x={"items": _ref("A")}), A=_obj(("a",), a=_ref("A"))
+    ),
+    "recursion under deep nesting": _defs(
+        _obj(("deep",), deep=_nested(40)), D=_obj(("d",), d={"items": _ref("D"), "minItems": 0})
+    ),
+}
+RECURSIVE["linked list (anyOf with null)"]["$defs"]["Link"]["properties"]["next"]["anyOf"][1] = {
+    "type": "null"
+}
+ENDLESS = [
+    _defs(_ref("A"), A=_ref("A")),
+    _defs(_ref("A"), A=_obj(("a",), a=_ref("A"))),
+    _defs(_ref("A"), A=_obj(("a",), a={"type": "array", "items": _ref("A"), "minItems": 1})),
+    _defs(_ref("A"), A=_obj(("a",), a={"anyOf": [_ref("A"), {"items": _ref("A"), "minItems": 2}]})),
+    _defs(_obj(("x",), x={"items": _ref("A"), "minItems": 1}), A=_obj(("a",), a=_ref("A"))),
+]
+
+
+@pytest.mark.parametrize("name", RECURSIVE)
+def test_recursive_schemas_get_finite_valid_answers(conn, name):
+    schema = RECURSIVE[name]
+    value = schema_example(schema)
+    _validate(value, schema)
+    response_format = _schema_format({"name": "x", "schema": schema})
+    response, data = _post(conn, _body("grow", response_format=response_format))
+    assert response.status == 200, data
+    _validate(json.loads(data["choices"][0]["message"]["content"]), schema)
+    tool = _post(conn, _body("grow", tools=[_tool("grow", schema)], tool_choice="required"))[1]
+    _validate(
+        json.loads(tool["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"]), schema
+    )
+
+
+def test_a_recursive_schema_is_expanded_once_then_ends():
+    assert schema_example(RECURSIVE["tree (items)"]) == {
+        "name": "agree",
+        "children": [{"name": "agree", "children": []}],
+    }
+    assert schema_example(RECURSIVE["linked list (anyOf with null)"]) == {
+        "name": "agree",
+        "next": {"name": "agree", "next": None},
+    }
+    assert schema_example(RECURSIVE["optional property"]) == {"n": 0, "more": {"n": 0}}
+
+
+def test_recursive_pydantic_models_through_the_openai_parse_helper():
+    openai = _openai()
+    pydantic = pytest.importorskip("pydantic")
+
+    class Node(pydantic.BaseModel):
+        name: str
+        children: list[Node]
+
+    class Link(pydantic.BaseModel):
+        name: str
+        next: Link | None
+
+    class Chain(pydantic.BaseModel):
+        name: str
+        next: Chain | None = None
+        links: list[Link] = pydantic.Field(default_factory=list)
+
+    models = {}
+    with LoopbackLLMServer() as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k", max_retries=0)
+        for model in (Node, Link, Chain):
+            model.model_rebuild()
+            _validate(schema_example(model.model_json_schema()), model.model_json_schema())
+            response = client.chat.completions.parse(
+                model="m", messages=[{"role": "user", "content": "grow"}], response_format=model
+            )
+            models[model] = response.choices[0].message.parsed
+        client.close()
+    # The client sends the root's definition inlined: it and one more level are made in
+    # full, and the level below is the smallest.
+    text = deterministic_reply("grow")
+    leaf = Node(name=text, children=[])
+    assert models[Node] == Node(name=text, children=[Node(name=text, children=[leaf])])
+    end = Link(name=text, next=None)
+    assert models[Link] == Link(name=text, next=Link(name=text, next=end))
+    assert isinstance(models[Chain], Chain)
+
+
 @pytest.mark.parametrize(
     ("schema", "fragment"),
     [
@@ -870,7 +1228,12 @@ def test_structured_output_through_the_openai_parse_helper():
         ({"type": "string", "minLength": 3, "maxLength": 2}, "minLength 3 > maxLength 2"),
         ({"type": "array", "minItems": 3, "maxItems": 1}, "minItems 3 > maxItems 1"),
         ({"type": "tuple"}, "unknown JSON-schema type 'tuple'"),
-        ({"$defs": {"A": {"$ref": "#/$defs/A"}}, "$ref": "#/$defs/A"}, "deeper than 32 levels"),
+        ({"type": "array", "items": False, "minItems": 1}, "forbids items past its prefixItems"),
+        (_nested(120), "nests deeper than 100 levels"),
+        *[
+            (schema, "no finite value is valid against the schema: '#/$defs/A'")
+            for schema in ENDLESS
+        ],
     ],
 )
 def test_schemas_no_example_can_meet_are_named(schema, fragment):

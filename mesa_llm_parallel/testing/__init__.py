@@ -14,8 +14,11 @@ Everything here stands in for a real language model, offline and deterministical
 
 The older modules ``mesa_llm_parallel.llm_server`` and ``mesa_llm_parallel.llm_example``
 are the same module objects as ``mesa_llm_parallel.testing._server`` and
-``mesa_llm_parallel.testing._example``; ``mesa_llm_parallel.demo`` re-exports the demo's
-model. The ``openai`` clients need ``pip install "mesa_llm_parallel[llm]"``.
+``mesa_llm_parallel.testing._example``: every name of the server (the server, its
+statistics and latency, the request and reply types, :func:`default_reply`,
+:func:`schema_example`...) imports from ``mesa_llm_parallel.llm_server`` as from here,
+and the chat model's from ``mesa_llm_parallel.llm_example``. ``mesa_llm_parallel.demo``
+re-exports the demo's model. The ``openai`` clients need ``pip install "mesa_llm_parallel[llm]"``.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from mesa_llm_parallel.testing._demo_models import (
 )
 from mesa_llm_parallel.testing._example import ChatAgent, ChatModel, OpenAIChat
 from mesa_llm_parallel.testing._replies import (
+    MESSAGE_ROLES,
     TOOL_CHOICES,
     ChatReply,
     ChatRequest,
@@ -51,6 +55,7 @@ from mesa_llm_parallel.testing._server import (
 __all__ = [
     "DEFAULT_MODEL",
     "LATENCY_KINDS",
+    "MESSAGE_ROLES",
     "TOOL_CHOICES",
     "ChatAgent",
     "ChatModel",

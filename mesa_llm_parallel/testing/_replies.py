@@ -8,14 +8,18 @@ hook the server answers with :func:`default_reply`.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
 
 __all__ = [
+    "MESSAGE_ROLES",
     "TOOL_CHOICES",
     "ChatReply",
     "ChatRequest",
@@ -30,11 +34,17 @@ __all__ = [
 #: The string values of ``tool_choice`` (an object naming a function is accepted too).
 TOOL_CHOICES: Final = ("none", "auto", "required")
 
+#: The roles a message may have.
+MESSAGE_ROLES: Final = ("system", "developer", "user", "assistant", "tool", "function")
+
+#: What ``response_format.json_schema.name`` may be.
+_SCHEMA_NAME: Final = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
 #: The ``response_format`` types the server knows.
 _FORMAT_TYPES: Final = ("text", "json_object", "json_schema")
 
 #: How deeply :func:`schema_example` follows nested schemas and ``$ref`` s.
-_MAX_DEPTH: Final = 32
+_MAX_DEPTH: Final = 100
 
 
 def deterministic_reply(prompt: str) -> str:
@@ -121,33 +131,35 @@ class ChatRequest:
         """The request of a decoded JSON body.
 
         Raises:
-            ValueError: The body is not a valid chat-completion request (the message
-                names the field and what is accepted).
+            ValueError: The body is not a valid chat-completion request. The message
+                names the field and what is accepted; the exception's ``param``
+                attribute is the field's path (``"tool_choice"``,
+                ``"messages[2].role"``...), or None for the body as a whole.
         """
         if not isinstance(data, dict):
-            raise ValueError("the request body must be a JSON object")
+            raise _RequestError("the request body must be a JSON object")
         model = data.get("model")
         if not isinstance(model, str) or not model:
-            raise ValueError("'model' is required and must be a non-empty string")
+            raise _RequestError("'model' is required and must be a non-empty string", "model")
         messages = data.get("messages")
         if not isinstance(messages, list) or not messages:
-            raise ValueError("'messages' is required and must be a non-empty array")
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise ValueError("every message must be an object with a 'role'")
+            raise _RequestError("'messages' is required and must be a non-empty array", "messages")
+        for index, message in enumerate(messages):
+            _check_message(index, message)
         tools = data.get("tools") or []
         if not isinstance(tools, list):
-            raise ValueError(f"'tools' must be an array of tools, got {tools!r}")
-        for tool in tools:
+            raise _RequestError(f"'tools' must be an array of tools, got {tools!r}", "tools")
+        for index, tool in enumerate(tools):
             if not (
                 isinstance(tool, dict)
                 and tool.get("type") == "function"
                 and isinstance(tool.get("function"), dict)
                 and isinstance(tool["function"].get("name"), str)
             ):
-                raise ValueError(
+                raise _RequestError(
                     "every tool must be {'type': 'function', 'function': {'name': ...}}, "
-                    f"got {tool!r}"
+                    f"got {tool!r}",
+                    f"tools[{index}]",
                 )
         tool_choice = data.get("tool_choice")
         names = [tool["function"]["name"] for tool in tools]
@@ -156,10 +168,10 @@ class ChatRequest:
         _check_response_format(response_format)
         stream = data.get("stream", False)
         if not isinstance(stream, bool) and stream is not None:
-            raise ValueError(f"'stream' must be true or false, got {stream!r}")
+            raise _RequestError(f"'stream' must be true or false, got {stream!r}", "stream")
         seed = data.get("seed")
         if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):
-            raise ValueError(f"'seed' must be an integer, got {seed!r}")
+            raise _RequestError(f"'seed' must be an integer, got {seed!r}", "seed")
         return cls(
             model=model,
             messages=tuple(messages),
@@ -172,25 +184,64 @@ class ChatRequest:
         )
 
 
+class _RequestError(ValueError):
+    """A request the API refuses with 400; ``param`` names the field, if one is at fault.
+
+    Args:
+        message: What is wrong and what is accepted.
+        param: The field's path in the body (``"tool_choice"``, ``"messages[2].role"``,
+            ``"response_format.json_schema.schema"``...), or None.
+    """
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 def _function(tool: Mapping[str, Any]) -> Mapping[str, Any]:
     return tool["function"]
 
 
+def _check_message(index: int, message: object) -> None:
+    where = f"messages[{index}]"
+    if not isinstance(message, dict):
+        raise _RequestError(
+            f"every message must be an object with a 'role'; {where} is {message!r}", where
+        )
+    role = message.get("role")
+    if role not in MESSAGE_ROLES:
+        what = "has no 'role'" if "role" not in message else f"has the role {role!r}"
+        raise _RequestError(
+            f"{where} {what}; a message's 'role' is one of {', '.join(map(repr, MESSAGE_ROLES))}",
+            f"{where}.role",
+        )
+
+
 def _check_tool_choice(choice: object, names: Sequence[str]) -> None:
-    if choice is None or choice in TOOL_CHOICES:
+    if choice is None or choice in ("none", "auto"):
         return
-    if isinstance(choice, dict) and choice.get("type") == "function":
+    named = isinstance(choice, dict) and choice.get("type") == "function"
+    if choice != "required" and not named:
+        raise _RequestError(
+            f"'tool_choice' must be one of {', '.join(map(repr, TOOL_CHOICES))} or "
+            f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}",
+            "tool_choice",
+        )
+    if not names:
+        raise _RequestError(
+            f"'tool_choice' {choice!r} needs 'tools' to call, and the request offers none; "
+            "give 'tools', or leave 'tool_choice' out (or 'none'/'auto')",
+            "tool_choice",
+        )
+    if isinstance(choice, dict):
         function = choice.get("function")
         name = function.get("name") if isinstance(function, dict) else None
-        if name in names:
-            return
-        raise ValueError(
-            f"'tool_choice' names the function {name!r}, which is not among the tools {names}"
-        )
-    raise ValueError(
-        f"'tool_choice' must be one of {', '.join(map(repr, TOOL_CHOICES))} or "
-        f"{{'type': 'function', 'function': {{'name': ...}}}}, got {choice!r}"
-    )
+        if name not in names:
+            raise _RequestError(
+                f"'tool_choice' names the function {name!r}, which is not among the tools "
+                f"{list(names)}",
+                "tool_choice",
+            )
 
 
 def _check_response_format(response_format: object) -> None:
@@ -198,18 +249,35 @@ def _check_response_format(response_format: object) -> None:
         return
     kind = response_format.get("type") if isinstance(response_format, dict) else None
     if kind not in _FORMAT_TYPES:
-        raise ValueError(
+        raise _RequestError(
             f"'response_format' must be an object whose 'type' is one of "
-            f"{', '.join(map(repr, _FORMAT_TYPES))}, got {response_format!r}"
+            f"{', '.join(map(repr, _FORMAT_TYPES))}, got {response_format!r}",
+            "response_format.type" if isinstance(response_format, dict) else "response_format",
         )
-    if kind == "json_schema":
-        spec = response_format.get("json_schema")
-        if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), dict):
-            raise ValueError(
-                "'response_format' of type 'json_schema' needs "
-                "'json_schema': {'name': ..., 'schema': {...}}, "
-                f"got {response_format!r}"
-            )
+    if kind != "json_schema" or not isinstance(response_format, dict):
+        return
+    shape = "'json_schema': {'name': ..., 'schema': {...}}"
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict):
+        raise _RequestError(
+            f"'response_format' of type 'json_schema' needs {shape}, got {response_format!r}",
+            "response_format.json_schema",
+        )
+    name = spec.get("name")
+    if not isinstance(name, str) or not _SCHEMA_NAME.fullmatch(name):
+        raise _RequestError(
+            f"'response_format.json_schema.name' must be 1 to 64 letters, digits, '_' or '-' "
+            f"(the json_schema is {shape}), got {name!r}",
+            "response_format.json_schema.name",
+        )
+    schema = spec.get("schema")
+    if not isinstance(schema, dict):
+        what = "has no 'schema'" if "schema" not in spec else f"has the schema {schema!r}"
+        raise _RequestError(
+            f"'response_format.json_schema' {what}; it needs {shape}, the schema a "
+            "JSON-schema object",
+            "response_format.json_schema.schema",
+        )
 
 
 # -- the reply ------------------------------------------------------------------------
@@ -385,23 +453,64 @@ def schema_example(schema: Mapping[str, Any] | bool, *, text: str = "agree") -> 
     or cut to the length bounds); ``pattern``, ``format``, ``multipleOf`` and
     ``uniqueItems`` are not honoured.
 
+    Recursive schemas (a ``$ref`` inside the definition it points at, as pydantic
+    writes for ``children: list["Node"]`` or ``next: Optional["Node"]``) get a finite
+    value. Where a ``$ref`` is met again inside its own expansion (or below 32 levels
+    of nesting), the value is the smallest one instead: only the ``required``
+    properties, ``minItems`` items (``[]`` when 0), ``"null"`` first in a list of
+    types, and the first ``anyOf``/``oneOf`` branch that does not lead back into a
+    ``$ref`` being expanded. A branch, an optional property or an array item that can
+    only recurse is left for the next branch, left out, or not made.
+
     Args:
         schema: The JSON schema (a mapping, or ``True``/``False``).
         text: The value of string fields.
 
     Raises:
-        ValueError: A ``$ref`` that does not point into the schema, schemas nested
-            deeper than 32 levels, ``false`` as a schema, or bounds no value meets.
+        ValueError: A ``$ref`` that does not point into the schema, a schema with no
+            finite value (a ``$ref`` that must contain itself again, through required
+            properties, ``minItems`` or every branch), schemas nested deeper than 100
+            levels, ``false`` as a schema, or bounds no value meets.
     """
-    return _Example(schema, text).value(schema, 0)
+    try:
+        return _Example(schema, text).value(schema, 0, frozenset(), minimal=False)
+    except _Endless as exc:
+        raise ValueError(
+            f"no finite value is valid against the schema: {exc.ref!r} must contain itself "
+            "again (through required properties, minItems > 0, or every anyOf/oneOf branch "
+            "or type), so every value of it would be infinite"
+        ) from None
+
+
+#: Nesting below which :func:`schema_example` makes the smallest values.
+_RICH_DEPTH: Final = 32
+
+
+class _Endless(Exception):  # noqa: N818 - internal signal, never reaches a caller
+    """A ``$ref`` met again inside its own smallest expansion: no finite value here."""
+
+    def __init__(self, ref: str) -> None:
+        super().__init__(ref)
+        self.ref = ref
 
 
 class _Example:
-    __slots__ = ("root", "text")
+    """The example-maker of one schema.
+
+    ``value`` walks the schema. ``path`` holds the ``$ref`` s being expanded above the
+    current point; ``minimal`` says whether the smallest value is wanted. A ``$ref``
+    met again on the path switches to the smallest value of that definition, whose own
+    path starts afresh; a ``$ref`` met again while making a smallest value raises
+    :class:`_Endless`, which the nearest alternative (another branch, leaving out an
+    optional property or an array's items) catches.
+    """
+
+    __slots__ = ("root", "smallest", "text")
 
     def __init__(self, root: Mapping[str, Any] | bool, text: str) -> None:
         self.root = root
         self.text = text
+        self.smallest: dict[str, Any] = {}  # $ref -> its smallest value, once made
 
     def resolve(self, ref: str) -> Mapping[str, Any]:
         target: Any = self.root
@@ -414,17 +523,19 @@ class _Example:
             target = target[key]
         return target
 
-    def value(self, schema: Mapping[str, Any] | bool, depth: int) -> Any:
+    def value(
+        self, schema: Mapping[str, Any] | bool, depth: int, path: frozenset[str], *, minimal: bool
+    ) -> Any:
         if depth > _MAX_DEPTH:
-            raise ValueError(
-                f"the schema nests deeper than {_MAX_DEPTH} levels (a recursive $ref?)"
-            )
+            raise ValueError(f"the schema nests deeper than {_MAX_DEPTH} levels")
+        if depth > _RICH_DEPTH and not minimal:  # deep enough: the smallest values below
+            minimal, path = True, frozenset()
         if schema is True:
             return self.text
         if schema is False or not isinstance(schema, Mapping):
             raise ValueError(f"no value is valid against the schema {schema!r}")
         if "$ref" in schema:
-            return self.value(self.resolve(schema["$ref"]), depth + 1)
+            return self.ref(schema["$ref"], depth, path, minimal=minimal)
         if "const" in schema:
             return schema["const"]
         if schema.get("enum"):
@@ -433,12 +544,15 @@ class _Example:
             return schema["default"]
         for key in ("anyOf", "oneOf"):
             if schema.get(key):
-                return self.value(schema[key][0], depth + 1)
+                return self.first(schema[key], depth, path, minimal=minimal)
         if schema.get("allOf"):
-            return self.value(self.merge(schema), depth + 1)
+            return self.value(self.merge(schema), depth + 1, path, minimal=minimal)
         kind = schema.get("type")
         if isinstance(kind, list):
-            kind = next((k for k in kind if k != "null"), "null")
+            kinds = sorted(kind, key=lambda k: (k != "null") == minimal) or ["null"]
+            return self.first(
+                [{**schema, "type": k} for k in kinds], depth - 1, path, minimal=minimal
+            )
         if kind is None:
             if "properties" in schema or "required" in schema:
                 kind = "object"
@@ -446,12 +560,52 @@ class _Example:
                 kind = "array"
             else:
                 kind = "string"
-        return self.typed(kind, schema, depth)
+        return self.typed(kind, schema, depth, path, minimal=minimal)
 
-    def merge(self, schema: Mapping[str, Any]) -> dict[str, Any]:
+    def ref(self, ref: str, depth: int, path: frozenset[str], *, minimal: bool) -> Any:
+        """The value of ``{"$ref": ref}``: the smallest one when ``ref`` is on the path."""
+        if ref in path and minimal:
+            raise _Endless(ref)
+        if ref in path or (minimal and ref in self.smallest):
+            if ref not in self.smallest:
+                target = self.resolve(ref)
+                self.smallest[ref] = self.value(target, depth + 1, frozenset({ref}), minimal=True)
+            return copy.deepcopy(self.smallest[ref])
+        target = self.resolve(ref)
+        value = self.value(target, depth + 1, path | {ref}, minimal=minimal)
+        if minimal:
+            self.smallest[ref] = copy.deepcopy(value)
+        return value
+
+    def first(
+        self, branches: Sequence[Any], depth: int, path: frozenset[str], *, minimal: bool
+    ) -> Any:
+        """The value of the first branch that has a finite one."""
+        endless: list[_Endless] = []
+        for branch in branches:
+            try:
+                return self.value(branch, depth + 1, path, minimal=minimal)
+            except _Endless as exc:
+                endless.append(exc)
+        raise endless[0]  # branches is never empty
+
+    def merge(
+        self, schema: Mapping[str, Any], seen: frozenset[str] = frozenset()
+    ) -> dict[str, Any]:
+        """``schema`` with its ``allOf`` branches merged in (nested ones too)."""
         merged = {k: v for k, v in schema.items() if k != "allOf"}
-        for branch in schema["allOf"]:
-            part = self.resolve(branch["$ref"]) if "$ref" in branch else branch
+        for branch in schema.get("allOf") or ():
+            part = branch
+            if isinstance(branch, Mapping) and "$ref" in branch:
+                ref = branch["$ref"]
+                if ref in seen:
+                    continue  # a definition that includes itself adds nothing new
+                part = self.resolve(ref)
+                seen |= {ref}
+            if not isinstance(part, Mapping):
+                raise ValueError(f"an allOf branch must be a schema object, got {part!r}")
+            if part.get("allOf"):
+                part = self.merge(part, seen)
             for key, value in part.items():
                 if key == "properties":
                     merged["properties"] = {**merged.get("properties", {}), **value}
@@ -461,17 +615,19 @@ class _Example:
                     merged.setdefault(key, value)
         return merged
 
-    def typed(self, kind: str, schema: Mapping[str, Any], depth: int) -> Any:
+    def typed(
+        self,
+        kind: str,
+        schema: Mapping[str, Any],
+        depth: int,
+        path: frozenset[str],
+        *,
+        minimal: bool,
+    ) -> Any:
         if kind == "object":
-            properties = schema.get("properties") or {}
-            value = {name: self.value(sub, depth + 1) for name, sub in properties.items()}
-            for name in schema.get("required") or ():
-                if name not in value:
-                    extra = schema.get("additionalProperties", True)
-                    value[name] = self.value(extra if extra is not True else {}, depth + 1)
-            return value
+            return self.object(schema, depth, path, minimal=minimal)
         if kind == "array":
-            return self.array(schema, depth)
+            return self.array(schema, depth, path, minimal=minimal)
         if kind == "string":
             return self.string(schema)
         if kind in ("integer", "number"):
@@ -482,18 +638,54 @@ class _Example:
             return None
         raise ValueError(f"unknown JSON-schema type {kind!r} in {schema!r}")
 
-    def array(self, schema: Mapping[str, Any], depth: int) -> list[Any]:
+    def object(
+        self, schema: Mapping[str, Any], depth: int, path: frozenset[str], *, minimal: bool
+    ) -> dict[str, Any]:
+        properties = schema.get("properties") or {}
+        required = list(dict.fromkeys(schema.get("required") or ()))
+        value: dict[str, Any] = {}
+        for name, sub in properties.items():
+            if name in required:
+                value[name] = self.value(sub, depth + 1, path, minimal=minimal)
+            elif not minimal:
+                with contextlib.suppress(_Endless):  # an optional property that only recurses
+                    value[name] = self.value(sub, depth + 1, path, minimal=minimal)
+        extra = schema.get("additionalProperties", True)
+        for name in required:
+            if name not in value:
+                sub = extra if extra is not True else {}
+                value[name] = self.value(sub, depth + 1, path, minimal=minimal)
+        return value
+
+    def array(
+        self, schema: Mapping[str, Any], depth: int, path: frozenset[str], *, minimal: bool
+    ) -> list[Any]:
         prefix = list(schema.get("prefixItems") or ())
         items = schema.get("items", {})
         low = schema.get("minItems", 0)
         high = schema.get("maxItems", math.inf)
-        count = max(low, len(prefix), 1 if items is not False else 0)
-        count = min(count, high)
-        if count < low:
+        if low > high:
             raise ValueError(f"minItems {low} > maxItems {high} in {schema!r}")
-        return [
-            self.value(prefix[i] if i < len(prefix) else items, depth + 1) for i in range(count)
-        ]
+        if items is False:
+            high = min(high, len(prefix))
+        count = low if minimal else min(max(low, len(prefix), 1), high)
+        if count < low:
+            raise ValueError(f"{schema!r} forbids items past its prefixItems but needs {low}")
+
+        def make(count: int, *, minimal: bool) -> list[Any]:
+            return [
+                self.value(
+                    prefix[i] if i < len(prefix) else items, depth + 1, path, minimal=minimal
+                )
+                for i in range(count)
+            ]
+
+        if count == low:
+            return make(count, minimal=minimal)
+        try:
+            return make(count, minimal=minimal)
+        except _Endless:  # items that only recurse: as few as allowed
+            return make(low, minimal=minimal)
 
     def string(self, schema: Mapping[str, Any]) -> str:
         value = self.text

@@ -58,6 +58,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import logging
 import math
 import random
 import re
@@ -69,24 +70,43 @@ from typing import Any, Final, Self
 
 from mesa_llm_parallel.testing import _web as web
 from mesa_llm_parallel.testing._replies import (
+    MESSAGE_ROLES,
+    TOOL_CHOICES,
     ChatReply,
     ChatRequest,
+    ReplyValue,
     Responder,
+    ToolCall,
     _text_of,
     as_reply,
     default_reply,
     deterministic_reply,
+    schema_example,
 )
 
+# The request and reply types are re-exported: ``mesa_llm_parallel.llm_server`` (this
+# module under its former name) gives every name of the server's public interface.
 __all__ = [
     "DEFAULT_MODEL",
     "LATENCY_KINDS",
+    "MESSAGE_ROLES",
+    "TOOL_CHOICES",
+    "ChatReply",
+    "ChatRequest",
     "Latency",
     "LatencySpec",
     "LoopbackLLMServer",
+    "ReplyValue",
+    "Responder",
     "ServerStats",
+    "ToolCall",
+    "default_reply",
     "deterministic_reply",
+    "schema_example",
 ]
+
+#: Where the server logs the tracebacks of what its callables raised.
+logger = logging.getLogger("mesa_llm_parallel.testing")
 
 #: The model name the server lists in ``GET /v1/models`` unless told otherwise.
 DEFAULT_MODEL: Final = "loopback-chat"
@@ -341,7 +361,10 @@ class LoopbackLLMServer:
             (every message, ``tools``, ``tool_choice``, ``response_format``...). It
             may call :func:`~mesa_llm_parallel.testing.default_reply` for the default.
             Give ``reply`` or ``respond``, not both. It runs on the server's event
-            loop: keep it quick, and make it thread-safe if it shares state.
+            loop: keep it quick, and make it thread-safe if it shares state. When it
+            raises, the client gets a 500 naming the exception (``"the reply hook
+            raised ValueError: ..."``) and the traceback is logged at ERROR on the
+            ``mesa_llm_parallel.testing`` logger.
         port: The port to listen on (default 0: a free port chosen by the system).
         idle_timeout: Seconds an idle keep-alive connection stays open.
 
@@ -625,7 +648,8 @@ class LoopbackLLMServer:
             request = _read_chat_request(body)
         except ValueError as exc:
             counters.add("errors")
-            return 400, web.error_body(str(exc), "invalid_request_error"), self._quota_headers()
+            error = web.error_body(str(exc), "invalid_request_error", param=_param(exc))
+            return 400, error, self._quota_headers()
         slots = self._slots
         if slots is None or not slots.locked():
             if slots is not None:
@@ -644,7 +668,7 @@ class LoopbackLLMServer:
             if seconds:
                 await asyncio.sleep(seconds)
             reply = self._respond(request)
-        except Exception as exc:  # a faulty latency or reply hook
+        except Exception as exc:  # a faulty latency, reply hook or schema
             counters.add("errors")
             return 500, web.error_body(str(exc), "server_error"), {}
         finally:
@@ -658,14 +682,41 @@ class LoopbackLLMServer:
     def _respond(self, request: ChatRequest) -> ChatReply:
         """The reply to a request: the hook's (checked) or the default one."""
         if self._respond_hook is not None:
-            return as_reply(self._respond_hook(request))
+            return as_reply(_call("the reply hook", self._respond_hook, request))
         return default_reply(request, text=self._text)
 
     def _text(self, prompt: str) -> str:
-        content = self._reply(prompt)
+        content = _call("the reply function", self._reply, prompt)
         if not isinstance(content, str):
-            raise TypeError(f"reply returned {type(content).__name__}, not str")
+            raise TypeError(f"the reply function returned {content!r}, not a str")
         return content
+
+
+class _CallbackError(Exception):
+    """A user's callable raised; the message names it and the exception."""
+
+
+def _call[T](what: str, function: Callable[..., T], *args: Any) -> T:
+    """``function(*args)``; what it raises is logged and re-raised naming ``what``.
+
+    Raises:
+        _CallbackError: ``function`` raised; the message is ``"<what> raised
+            <type>: <text>"`` and the traceback is logged at ERROR.
+    """
+    try:
+        return function(*args)
+    except _CallbackError:
+        raise
+    except Exception as exc:
+        message = f"{what} raised {type(exc).__name__}: {exc}"
+        logger.exception("LoopbackLLMServer: %s; the client gets a 500", message)
+        raise _CallbackError(message) from exc
+
+
+def _param(exc: BaseException) -> str | None:
+    """The field an invalid request's error names (``param`` of the error body)."""
+    param = getattr(exc, "param", None)
+    return param if isinstance(param, str) else None
 
 
 def _optional_count(name: str, value: object) -> int | None:

@@ -45,9 +45,18 @@ def import_web() -> Any:
     return web
 
 
-def error_body(message: str, kind: str, code: str | None = None) -> dict[str, Any]:
-    """An OpenAI-style error object."""
-    return {"error": {"message": message, "type": kind, "param": None, "code": code}}
+def error_body(
+    message: str, kind: str, code: str | None = None, *, param: str | None = None
+) -> dict[str, Any]:
+    """An OpenAI-style error object.
+
+    Args:
+        message: What went wrong.
+        kind: The error's ``type`` (``"invalid_request_error"``, ``"server_error"``...).
+        code: The error's ``code``, if any.
+        param: The request field at fault (``"tool_choice"``, ``"messages[2].role"``...).
+    """
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
 
 
 async def start(
