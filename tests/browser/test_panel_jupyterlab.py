@@ -9,9 +9,9 @@ that kernel, and in the panel's figures.
 
 The panel's parts are found by their CSS classes (``mlp-panel``, ``mlp-parallel``,
 ``mlp-mode``, ``mlp-threads``, ``mlp-cap``, ``mlp-steps``, ``mlp-run``, ``mlp-pause``,
-``mlp-step``, ``mlp-figures``, ``mlp-chart``, ``mlp-status``). Screenshots of the page
-after Run All and at the end (and at a failure) are saved in the test's output folder
-(``test-results/...``), whose path the test prints.
+``mlp-step``, ``mlp-figures``, ``mlp-chart``, ``mlp-status``, ``mlp-notice``). Screenshots
+of the page after Run All and at the end (and at a failure) are saved in the test's
+output folder (``test-results/...``), whose path the test prints.
 """
 
 from __future__ import annotations
@@ -168,6 +168,12 @@ def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -
     cap.fill("40")
     cap.press("Enter")
     kernel.wait_for("_t_mlp.settings.max_concurrency", expected=40)
+    notice = panel.locator(".mlp-notice")
+    expect(notice).to_contain_text("Max in flight set to 40 for every model")
+
+    # What the switch and the modes do is written on the panel, not hidden in tooltips.
+    expect(panel.get_by_text("for this model only", exact=False)).to_be_visible()
+    expect(panel.get_by_text("the thread pool runs only sync agents", exact=False)).to_be_visible()
 
     # Pause stops the notebook's run after the step in progress.
     pause(panel, kernel)
@@ -194,6 +200,15 @@ def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -
     expect(pool_use).to_contain_text(re.compile(rf"^{pool} threads: every agent's step"))
     expect(figures.locator("tr.mlp-row-failures td").last).to_have_text("none")
     expect(panel.locator(".mlp-chart svg circle").first).to_be_attached()
+    # The confirmation is still readable after the run's steps updated the status line.
+    expect(notice).to_contain_text("Max in flight set to 40 for every model")
+    # The chart: labelled axes, and a width that the figures beside it do not change.
+    chart = panel.locator(".mlp-chart svg")
+    expect(chart.locator("text", has_text="time (log)")).to_have_count(1)
+    expect(chart.locator("text", has_text=re.compile(r"^step$"))).to_have_count(1)
+    box = chart.bounding_box()
+    assert box is not None
+    assert round(box["width"]) == 360
 
     pause(panel, kernel)
 
