@@ -1851,22 +1851,21 @@ def _step_scope(step: Step, model: Any) -> Iterator[None]:
         raise
 
 
-def interrupted_error(step: Step, report: StepReport) -> KeyboardInterrupt:
-    """The ``KeyboardInterrupt`` raised in place of a Ctrl-C that ended ``step``.
-
-    Its message says what became of the step's agents and how to go on, instead of the
-    frames of the event loop or the wait that the interrupt landed in. ``report`` is the
-    step's final report; it is attached as ``exception.mesa_llm_parallel_report``.
-    """
+def _interruption(step: Step, report: StepReport, what: str) -> str:
+    """What became of ``step``'s agents after an interrupt, and how to go on (one line)."""
     failed = len(report.failures)
     ended = report.completed + failed
     unfinished = report.started - ended
     if step.mode == "threading":
-        in_threads = unfinished  # a thread cannot be stopped: every started agent goes on
+        # Nothing started can be stopped: a thread cannot, and an async-only agent's
+        # coroutine was handed to the model's loop, which finishes it when it runs.
+        in_background = unfinished
+        where = "in threads (or on the model's event loop)"
     else:
         driver = step.driver
-        in_threads = min(unfinished, driver.running_in_threads() if driver is not None else 0)
-    cancelled = unfinished - in_threads
+        in_background = min(unfinished, driver.running_in_threads() if driver is not None else 0)
+        where = "in threads"
+    cancelled = unfinished - in_background
     not_started = report.agents - report.started - report.skipped
     counts = f"{ended} of {report.agents} agents finished"
     if failed:
@@ -1877,20 +1876,44 @@ def interrupted_error(step: Step, report: StepReport) -> KeyboardInterrupt:
         counts += f", {not_started} never started"
     if report.skipped:
         counts += f", {report.skipped} skipped (removed from their set)"
-    if in_threads:
+    if in_background:
         counts += (
-            f"; {in_threads} started in threads cannot be stopped and may still finish "
+            f"; {in_background} started {where} cannot be stopped and may still finish "
             "in the background"
         )
     if step.model is not None:
         go_on = "the next model.step() runs normally. Details: mlp.last_step_report(model)."
     else:
         go_on = "the next one runs normally. Details: exception.mesa_llm_parallel_report."
-    error = KeyboardInterrupt(
-        f"parallel step interrupted ({report.mode} mode): {counts}. The model is left "
+    return (
+        f"parallel step {what} ({report.mode} mode): {counts}. The model is left "
         "part-way through the step (an unfinished agent may have done part of its own); "
         f"the step is not re-run, and {go_on}"
     )
+
+
+def interrupted_error(step: Step, report: StepReport) -> KeyboardInterrupt:
+    """The ``KeyboardInterrupt`` raised in place of a Ctrl-C that ended ``step``.
+
+    Its message says what became of the step's agents and how to go on, instead of the
+    frames of the event loop or the wait that the interrupt landed in. ``report`` is the
+    step's final report; it is attached as ``exception.mesa_llm_parallel_report``.
+    """
+    error = KeyboardInterrupt(_interruption(step, report, "interrupted"))
+    error.mesa_llm_parallel_report = report  # type: ignore[attr-defined]
+    return error
+
+
+def cancelled_error(step: Step, report: StepReport) -> asyncio.CancelledError:
+    """The ``CancelledError`` raised in place of the one that cancelled an awaited ``step``.
+
+    An awaited step (``await ashuffle_do(...)``, ``await step_agents_parallel(...)``) is
+    ended by the cancellation of the task that awaits it: a notebook's interrupt button
+    during an ``await`` cell, or ``task.cancel()``. The task still ends cancelled; the
+    message says what became of the agents, and the report is attached as
+    ``exception.mesa_llm_parallel_report``.
+    """
+    error = asyncio.CancelledError(_interruption(step, report, "cancelled"))
     error.mesa_llm_parallel_report = report  # type: ignore[attr-defined]
     return error
 
@@ -1942,10 +1965,21 @@ def _run_step_sync(step: Step, model: Any) -> None:
 
 
 async def run_step_in_loop(step: Step, model: Any) -> None:
-    """Run ``step`` on the running loop (nothing nested), then close it."""
+    """Run ``step`` on the running loop (nothing nested), then close it.
+
+    A cancellation of the awaiting task is raised again as a ``CancelledError`` that
+    says what became of the step (:func:`cancelled_error`).
+    """
+    __tracebackhide__ = True  # IPython and pytest show the caller's frames, not this one
     step.model = model
-    with _step_scope(step, model):
-        await run_step_async(step)
+    try:
+        with _step_scope(step, model):
+            await run_step_async(step)
+    except asyncio.CancelledError:
+        report = step.final_report
+        if report is None or not report.interrupted:
+            raise
+        raise cancelled_error(step, report) from None
 
 
 def model_of(agents: Sequence[Any]) -> Any:

@@ -178,6 +178,7 @@ async def step_agents_parallel(
     agents = list(agents)
     cfg = settings.snapshot()
     step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="asyncio")
+    __tracebackhide__ = True  # IPython and pytest show the caller's frames, not this one
     await run_step_in_loop(step, model_of(agents))
 
 
@@ -234,6 +235,7 @@ async def ashuffle_do[S](
         cfg=settings.snapshot(),
         mode="asyncio",
     )
+    __tracebackhide__ = True  # IPython and pytest show the caller's frames, not this one
     await run_step_in_loop(step, model)
     return agentset
 

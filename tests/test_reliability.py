@@ -501,7 +501,7 @@ def test_a_script_stopped_by_ctrl_c_prints_a_short_traceback_with_the_counts(mod
     assert len(error) < 1_500, error
 
 
-def test_cancelling_an_awaiting_caller_cancels_the_agents():
+def test_cancelling_an_awaiting_caller_cancels_the_agents_and_says_so():
     model = scripted_model(6, dict.fromkeys(range(1, 7), ("hang", 30.0)))
 
     async def main():
@@ -509,9 +509,18 @@ def test_cancelling_an_awaiting_caller_cancels_the_agents():
         while model.tracker.now < 6:  # noqa: ASYNC110 - the tracker is thread-safe, not async
             await asyncio.sleep(0.001)
         task.cancel()
-        with pytest.raises(asyncio.CancelledError):
+        with pytest.raises(asyncio.CancelledError) as cancelled:
             await task
-        assert mlp.last_step_report(model).interrupted
+        assert task.cancelled()  # the task still ends cancelled
+        report = mlp.last_step_report(model)
+        assert report.interrupted
+        # A short message of what became of the agents, with the report attached.
+        assert str(cancelled.value).startswith(
+            "parallel step cancelled (asyncio mode): 0 of 6 agents finished, 6 cancelled."
+        )
+        assert "mlp.last_step_report(model)" in str(cancelled.value)
+        assert cancelled.value.mesa_llm_parallel_report is report
+        assert cancelled.value.__suppress_context__
         model.script = {}
         return await mlp.ashuffle_do(model.agents)
 
@@ -519,6 +528,35 @@ def test_cancelling_an_awaiting_caller_cancels_the_agents():
     outcomes = [a.outcome for a in model.agents]
     assert outcomes == ["done"] * 6
     assert len(model.tracker.starts) == 12
+
+
+def test_a_cancelled_step_agents_parallel_counts_sync_agents_left_in_threads():
+    gate = threading.Event()
+    entered = threading.Semaphore(0)
+
+    class Waiting(SyncAgent):
+        def step(self, *args, **kwargs):
+            entered.release()
+            gate.wait(30)
+
+    model = ToyModel(4, Waiting)
+    model.parallel_stepping = False  # only the manual function steps it
+
+    async def main():
+        task = asyncio.create_task(mlp.step_agents_parallel(model.agents))
+        for _ in range(4):  # every agent is in its thread
+            assert await asyncio.to_thread(entered.acquire, True, 30)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError) as cancelled:
+            await task
+        return str(cancelled.value)
+
+    try:
+        message = asyncio.run(main())
+    finally:
+        gate.set()
+    assert message.startswith("parallel step cancelled (asyncio mode): 0 of 4 agents finished")
+    assert "; 4 started in threads cannot be stopped" in message
 
 
 # -- Mesa's schedule after an escaped exception -------------------------------------
