@@ -318,12 +318,13 @@ def figures(
             )
         )
     if report.interrupted:
+        unfinished = report.started - report.completed - failed
         rows.append(
             Row(
                 "Interrupted",
-                f"yes: {report.not_started} agents never started",
+                f"yes: {unfinished} unfinished, {report.not_started} never started",
                 "interrupted",
-                True,
+                alert=True,
             )
         )
     if report.stuck_threads:

@@ -64,7 +64,10 @@ def _positive_int(text: str) -> int:
 def _cap(text: str) -> int | None:
     if text.lower() == "none":
         return None
-    return _positive_int(text)
+    try:
+        return _positive_int(text)
+    except argparse.ArgumentTypeError as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (or none for no cap)") from None
 
 
 def _positive_number(text: str, unit: str) -> float | None:

@@ -112,6 +112,29 @@ def _check_model(function: str, model: object) -> None:
     )
 
 
+def _check_method(function: str, method: object) -> None:
+    if not (isinstance(method, str) or callable(method)):
+        raise TypeError(
+            f"{function}: method must be a method name (str) or a callable, "
+            f"got {type(method).__name__}: {method!r}"
+        )
+
+
+def _agent_list(function: str, agents: object, method: object) -> list[Any]:
+    """``agents`` as a list, and ``method`` checked; clear errors for the usual mix-ups."""
+    if isinstance(agents, mesa.Model):
+        raise TypeError(f"{function}: agents must be agents, got a model: pass model.agents")
+    try:
+        listed = list(agents)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"{function}: agents must be an iterable of agents (model.agents, a list), "
+            f"got {type(agents).__name__}: {agents!r}"
+        ) from None
+    _check_method(function, method)
+    return listed
+
+
 def wants_parallel_stepping(model: Any) -> bool:
     """Whether ``model`` asks to step in parallel, patch or no patch.
 
@@ -173,9 +196,11 @@ async def step_agents_parallel(
     from code that is already async (a notebook cell with top-level ``await``).
 
     Raises:
+        TypeError: ``agents`` is not an iterable of agents, or ``method`` is neither a
+            name nor a callable.
         Exception: The first failure in start order, after every started agent finished.
     """
-    agents = list(agents)
+    agents = _agent_list("step_agents_parallel", agents, method)
     cfg = settings.snapshot()
     step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="asyncio")
     __tracebackhide__ = True  # IPython and pytest show the caller's frames, not this one
@@ -189,8 +214,12 @@ def step_agents_parallel_sync(
 
     Works with or without a running event loop in the calling thread; see
     :doc:`/how-it-works` for which loop is used.
+
+    Raises:
+        TypeError: ``agents`` is not an iterable of agents, or ``method`` is neither a
+            name nor a callable.
     """
-    agents = list(agents)
+    agents = _agent_list("step_agents_parallel_sync", agents, method)
     cfg = settings.snapshot()
     step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="asyncio")
     run_step_sync(step, model_of(agents))
@@ -203,8 +232,12 @@ def step_agents_multithreaded(
 
     Agents with only ``async def a<method>`` run it on their worker thread's own
     persistent event loop.
+
+    Raises:
+        TypeError: ``agents`` is not an iterable of agents, or ``method`` is neither a
+            name nor a callable.
     """
-    agents = list(agents)
+    agents = _agent_list("step_agents_multithreaded", agents, method)
     cfg = settings.snapshot()
     step = Step(entries=agents, method=method, args=args, kwargs=kwargs, cfg=cfg, mode="threading")
     run_step_sync(step, model_of(agents))
@@ -224,6 +257,7 @@ async def ashuffle_do[S](
             f"ashuffle_do needs a Mesa agent set (model.agents, agents_by_type[...], "
             f"AgentSet), got {type(agentset).__name__}; use step_agents_parallel for a list"
         )
+    _check_method("ashuffle_do", method)
     model = getattr(first_agent(agentset), "model", None)
     entries, resolve = shuffled_members(agentset)
     step = Step(

@@ -588,8 +588,17 @@ class ParallelSteppingPanel(widgets.VBox):
         self._apply_setting("max_workers", change["new"], "Threads", str(change["new"]))
 
     def _on_cap(self, change: dict[str, Any]) -> None:
-        # 0 means no cap; a negative number goes to the settings, which refuse it by name.
-        cap = None if change["new"] == 0 else change["new"]
+        value = change["new"]
+        if value < 0 and not self._syncing:  # refused here: the box's own rule is 0 = no cap
+            with self._ui_lock:
+                self._set_notice(
+                    f"Max in flight not changed: it must be 0 (no cap) or a whole number "
+                    f">= 1, got {value}",
+                    error=True,
+                )
+                self.refresh()  # puts the box back to the current setting
+            return
+        cap = None if value == 0 else value
         self._apply_setting(
             "max_concurrency", cap, "Max in flight", "no cap" if cap is None else str(cap)
         )

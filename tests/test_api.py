@@ -271,3 +271,29 @@ def test_the_one_model_functions_refuse_what_is_not_a_model(function):
     assert not hasattr(agent, "parallel_stepping")  # nothing half-applied
     with pytest.raises(TypeError, match="steps_in_parallel: model must be a Mesa model"):
         mlp.steps_in_parallel("model")
+
+
+@pytest.mark.parametrize(
+    "function", ["step_agents_parallel_sync", "step_agents_multithreaded", "step_agents_parallel"]
+)
+def test_the_manual_functions_name_the_usual_mix_ups(function):
+    call = getattr(mlp, function)
+    model = mesa.Model(rng=1)
+
+    def run(*args):
+        result = call(*args)
+        if asyncio.iscoroutine(result):
+            asyncio.run(result)
+
+    with pytest.raises(TypeError, match=rf"{function}: agents must be agents, got a model"):
+        run(model)
+    with pytest.raises(TypeError, match=rf"{function}: agents must be an iterable of agents"):
+        run(3)
+    with pytest.raises(TypeError, match=rf"{function}: method must be a method name .* got int"):
+        run(model.agents, 5)
+
+
+def test_ashuffle_do_checks_its_method():
+    model = mesa.Model(rng=1)
+    with pytest.raises(TypeError, match=r"ashuffle_do: method must be a method name"):
+        asyncio.run(mlp.ashuffle_do(model.agents, 5))

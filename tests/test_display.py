@@ -168,11 +168,11 @@ def test_a_stalled_step_says_so_and_is_not_a_plain_slow_step():
 
 def test_failures_and_interrupts_are_alerts_with_the_first_error():
     failure = AgentFailure(agent=None, exception=ValueError("no"), position=3)
-    shown = figures(report(failures=(failure,), completed=9, interrupted=True, started=9))
+    shown = figures(report(failures=(failure,), completed=6, interrupted=True, started=8))
     rows = {row.key: row for row in shown.report}
     assert rows["failures"].value == "1; first: ValueError: no"
     assert rows["failures"].alert
-    assert rows["interrupted"].value == "yes: 1 agents never started"
+    assert rows["interrupted"].value == "yes: 1 unfinished, 2 never started"
 
 
 def test_text_and_html_show_the_same_rows():

@@ -109,6 +109,7 @@ def test_status_shows_settings_and_the_last_report(ip, capsys):
         ("%parallel_stepping on --workers 0", "expected a number >= 1, got '0'"),
         ("%parallel_stepping on --workers four", "expected a whole number, got 'four'"),
         ("%parallel_stepping on --concurrency -2", "expected a number >= 1, got '-2'"),
+        ("%parallel_stepping on --concurrency 0", ">= 1, got '0' (or none for no cap)"),
         ("%parallel_stepping on --timeout 0", "expected a positive number of seconds, got '0'"),
         ("%parallel_stepping on --mode parallel", "invalid choice: 'parallel'"),
         ("%parallel_stepping on --colour red", "unrecognized arguments: --colour red"),
