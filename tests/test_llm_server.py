@@ -12,6 +12,7 @@ import socket
 import statistics
 import sys
 import threading
+import time
 
 import pytest
 
@@ -887,6 +888,247 @@ def test_a_raising_respond_hook_gives_500_naming_the_exception_and_logs_it(caplo
     assert "Traceback" in caplog.text
 
 
+class _UnprintableError(Exception):
+    def __str__(self) -> str:
+        raise RuntimeError("no text")
+
+
+class _UnprintableAndUnreprError(_UnprintableError):
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr")
+
+
+def _fail_unexpected():
+    pytest.fail("unexpected prompt")
+
+
+def _raise(exc: BaseException):
+    def raising():
+        raise exc
+
+    return raising
+
+
+@pytest.mark.parametrize(
+    ("raise_it", "exc_type", "message"),
+    [
+        (_fail_unexpected, pytest.fail.Exception, "Failed: unexpected prompt"),
+        (_raise(SystemExit(3)), SystemExit, "SystemExit: 3"),
+        (_raise(KeyboardInterrupt()), KeyboardInterrupt, "KeyboardInterrupt"),
+        (_raise(GeneratorExit("closed")), GeneratorExit, "GeneratorExit: closed"),
+        (
+            _raise(asyncio.CancelledError("gave up")),
+            asyncio.CancelledError,
+            "CancelledError: gave up",
+        ),
+        (
+            _raise(_UnprintableError("x")),
+            _UnprintableError,
+            "_UnprintableError: _UnprintableError('x')",
+        ),
+        (
+            _raise(_UnprintableAndUnreprError("x")),
+            _UnprintableAndUnreprError,
+            "_UnprintableAndUnreprError: <unprintable _UnprintableAndUnreprError object>",
+        ),
+    ],
+    ids=[
+        "pytest.fail",
+        "SystemExit",
+        "KeyboardInterrupt",
+        "GeneratorExit",
+        "CancelledError",
+        "unprintable",
+        "unprintable-and-unrepr",
+    ],
+)
+@pytest.mark.parametrize("hook", ["respond", "reply"])
+def test_a_hook_raising_any_base_exception_gives_500_and_the_server_goes_on(
+    caplog, raise_it, exc_type, message, hook
+):
+    calls = []
+
+    def function(value):
+        calls.append(value)
+        if len(calls) == 1:
+            raise_it()
+        return "fine"
+
+    what = "the reply hook" if hook == "respond" else "the reply function"
+    with (
+        caplog.at_level("ERROR", logger="mesa_llm_parallel.testing"),
+        LoopbackLLMServer(**{hook: function}) as server,
+    ):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        again, later = _post(conn, _body())  # the same connection is still served
+        conn.close()
+        fresh = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        third, _ = _post(fresh, _body())  # and new ones
+        fresh.close()
+        stats = server.stats()
+        assert server.running
+    assert response.status == 500
+    assert data["error"] == {
+        "message": f"{what} raised {message}",
+        "type": "server_error",
+        "param": None,
+        "code": None,
+    }
+    assert (again.status, third.status) == (200, 200)
+    assert later["choices"][0]["message"]["content"] == "fine"
+    assert (stats.requests, stats.completed, stats.errors, stats.in_flight) == (3, 2, 1, 0)
+    records = [r for r in caplog.records if f"{what} raised" in r.getMessage()]
+    assert len(records) == 1
+    assert records[0].exc_info is not None
+    assert records[0].exc_info[0] is exc_type
+    assert "Traceback" in caplog.text
+
+
+def test_a_latency_callable_raising_system_exit_gives_500_and_the_server_goes_on(caplog):
+    calls = []
+
+    def latency(rng):
+        calls.append(rng)
+        if len(calls) == 1:
+            raise SystemExit("no wait")
+        return 0.0
+
+    with LoopbackLLMServer(latency=latency) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        again, _ = _post(conn, _body())
+        conn.close()
+        stats = server.stats()
+    assert (response.status, again.status) == (500, 200)
+    assert data["error"]["message"] == "the latency raised SystemExit: no wait"
+    assert (stats.errors, stats.completed) == (1, 1)
+    assert any(r.exc_info and r.exc_info[0] is SystemExit for r in caplog.records)
+
+
+def test_a_base_exception_escaping_the_server_gives_500_and_the_server_goes_on(caplog, monkeypatch):
+    original = LoopbackLLMServer._answer
+    calls = []
+
+    async def answer(self, method, target, body):
+        calls.append(target)
+        if len(calls) == 1:
+            raise SystemExit(3)
+        return await original(self, method, target, body)
+
+    monkeypatch.setattr(LoopbackLLMServer, "_answer", answer)
+    with LoopbackLLMServer() as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        conn.close()
+        fresh = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        again, _ = _post(fresh, _body())
+        fresh.close()
+    assert (response.status, again.status) == (500, 200)
+    assert data["error"]["message"] == "the server failed to answer: SystemExit: 3"
+    assert any(r.exc_info and r.exc_info[0] is SystemExit for r in caplog.records)
+
+
+def test_async_hooks_are_awaited_on_the_server_loop():
+    loops = set()
+    entered = []
+    everyone_in = []
+
+    async def respond(request: ChatRequest) -> str:
+        loops.add(asyncio.get_running_loop())
+        if not everyone_in:
+            everyone_in.append(asyncio.Event())
+        entered.append(request.prompt)
+        if len(entered) == 8:
+            everyone_in[0].set()
+        # Eight hooks wait here at once: only possible if the server serves others meanwhile.
+        await asyncio.wait_for(everyone_in[0].wait(), 5)
+        return f"async {request.prompt}"
+
+    async def reply(prompt: str) -> str:
+        await asyncio.sleep(0)
+        return prompt.upper()
+
+    with LoopbackLLMServer(respond=respond) as server:
+        results = []
+
+        def ask(i):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+            results.append(_post(conn, _body(f"q{i}")))
+            conn.close()
+
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert server.stats().peak_concurrency == 8
+    assert sorted(data["choices"][0]["message"]["content"] for _, data in results) == [
+        f"async q{i}" for i in range(8)
+    ]
+    assert len(loops) == 1
+    with LoopbackLLMServer(reply=reply) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body("shout"))
+        tools = _post(conn, _body("shout", tools=[_tool("say", VOTE)], tool_choice="required"))[1]
+        conn.close()
+    assert response.status == 200
+    assert data["choices"][0]["message"]["content"] == "SHOUT"
+    assert tools["choices"][0]["message"]["tool_calls"][0]["function"]["name"] == "say"
+
+
+def test_a_raising_async_hook_gives_500_naming_the_exception(caplog):
+    async def respond(request: ChatRequest) -> str:
+        await asyncio.sleep(0)
+        pytest.fail("unexpected prompt")
+
+    with LoopbackLLMServer(respond=respond) as server:
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        response, data = _post(conn, _body())
+        conn.close()
+    assert response.status == 500
+    assert data["error"]["message"] == "the reply hook raised Failed: unexpected prompt"
+    assert any(r.exc_info and r.exc_info[0] is pytest.fail.Exception for r in caplog.records)
+
+
+def test_stopping_while_an_async_hook_waits_cancels_it_quietly(caplog):
+    entered = threading.Event()
+    cancelled = threading.Event()
+
+    async def respond(request: ChatRequest) -> str:
+        entered.set()
+        try:
+            await asyncio.sleep(30)
+        except asyncio.CancelledError:
+            cancelled.set()
+            raise
+        return "late"
+
+    server = LoopbackLLMServer(respond=respond).start()
+    outcome = []
+
+    def ask():
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+        try:
+            outcome.append(_post(conn, _body()))
+        except (OSError, http.client.HTTPException) as exc:
+            outcome.append(exc)
+        finally:
+            conn.close()
+
+    client = threading.Thread(target=ask)
+    client.start()
+    assert entered.wait(5)
+    started = time.perf_counter()
+    server.stop()
+    client.join(10)
+    assert time.perf_counter() - started < 3
+    assert cancelled.is_set()
+    assert isinstance(outcome[0], Exception)  # no answer, not a 500
+    assert server.stats().errors == 0
+    assert "reply hook raised" not in caplog.text
+
+
 def test_a_raising_reply_function_gives_500_naming_the_exception(caplog):
     def reply(prompt: str) -> str:
         raise KeyError(prompt)
@@ -1241,9 +1483,56 @@ def test_schemas_no_example_can_meet_are_named(schema, fragment):
         schema_example(schema)
 
 
-def test_a_tool_whose_parameters_are_not_an_object_gives_500(conn):
-    _, data = _post(conn, _body(tools=[_tool("f", {"type": "string"})], tool_choice="required"))
+def test_a_tool_whose_parameters_are_not_an_object_gives_400(conn):
+    tools = [_tool("g"), _tool("f", {"type": "string"})]
+    body = _body(tools=tools, tool_choice={"type": "function", "function": {"name": "f"}})
+    response, data = _post(conn, body)
+    assert response.status == 400
+    assert data["error"]["param"] == "tools[1].function.parameters"
+    assert data["error"]["type"] == "invalid_request_error"
     assert "the parameters of tool 'f' are not an object schema" in data["error"]["message"]
+
+
+@pytest.mark.parametrize("schema", ENDLESS)
+def test_a_schema_with_no_finite_value_gives_400_naming_it(server, conn, schema):
+    with pytest.raises(ValueError, match="no finite value") as caught:
+        schema_example(schema)
+    response, data = _post(
+        conn, _body(response_format=_schema_format({"name": "x", "schema": schema}))
+    )
+    assert response.status == 400
+    assert data["error"] == {
+        "message": str(caught.value),
+        "type": "invalid_request_error",
+        "param": "response_format.json_schema.schema",
+        "code": None,
+    }
+    tools = [_tool("ok", VOTE), _tool("grow", schema)]
+    response, data = _post(conn, _body(tools=tools, tool_choice=_named("grow")))
+    assert response.status == 400
+    assert data["error"]["param"] == "tools[1].function.parameters"
+    assert data["error"]["message"] == f"the parameters of tool 'grow': {caught.value}"
+    # Only a schema the answer needs is made: the first tool is called, the second unused.
+    response, data = _post(conn, _body(tools=tools, tool_choice="required"))
+    assert response.status == 200
+    stats = server.stats()
+    assert (stats.errors, stats.completed) == (2, 1)
+
+
+def test_the_openai_client_does_not_retry_a_schema_with_no_finite_value():
+    openai = _openai()
+    with LoopbackLLMServer() as server:
+        client = openai.OpenAI(base_url=server.base_url, api_key="k")
+        with pytest.raises(openai.BadRequestError) as caught:
+            client.chat.completions.create(
+                model="m",
+                messages=[{"role": "user", "content": "grow"}],
+                response_format=_schema_format({"name": "x", "schema": ENDLESS[1]}),
+            )
+        client.close()
+        assert server.stats().requests == 1
+    assert caught.value.param == "response_format.json_schema.schema"
+    assert "no finite value is valid against the schema" in caught.value.message
 
 
 def test_default_reply_is_importable_for_hooks():

@@ -15,7 +15,7 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Final
 
 __all__ = [
@@ -356,8 +356,9 @@ class ChatReply:
 #: What a reply hook may return: text, one tool call, several, or a whole reply.
 type ReplyValue = str | ToolCall | Sequence[ToolCall] | ChatReply
 
-#: A reply hook: ``respond(request) -> text | tool call(s) | ChatReply``.
-type Responder = Callable[[ChatRequest], ReplyValue]
+#: A reply hook: ``respond(request) -> text | tool call(s) | ChatReply``, a plain
+#: function or an ``async def`` one (which the server awaits on its event loop).
+type Responder = Callable[[ChatRequest], ReplyValue | Awaitable[ReplyValue]]
 
 
 def as_reply(value: object) -> ChatReply:
@@ -408,7 +409,22 @@ def default_reply(
         text: The text of an answer to a prompt.
 
     Raises:
-        ValueError: A schema this function cannot satisfy (see :func:`schema_example`).
+        ValueError: A schema this function cannot satisfy (see :func:`schema_example`),
+            or a tool's ``parameters`` that are not an object schema.
+    """
+    try:
+        return _default_reply(request, text)
+    except _RequestError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _default_reply(request: ChatRequest, text: Callable[[str], str]) -> ChatReply:
+    """:func:`default_reply`, whose schema errors name the request's field at fault.
+
+    Raises:
+        _RequestError: The schema the answer needs has no value this server can make;
+            ``param`` is ``"tools[i].function.parameters"`` or
+            ``"response_format.json_schema.schema"``.
     """
     choice = request.tool_choice
     if request.tools and choice != "none":
@@ -420,11 +436,17 @@ def default_reply(
         ):
             name = request.tool_names[0]
         if name is not None:
+            where = f"tools[{request.tool_names.index(name)}].function.parameters"
             parameters = request.tool(name).get("parameters") or {"type": "object"}
-            arguments = schema_example(parameters, text=text(request.prompt))
+            answer = text(request.prompt)
+            try:
+                arguments = schema_example(parameters, text=answer)
+            except ValueError as exc:
+                raise _RequestError(f"the parameters of tool {name!r}: {exc}", where) from None
             if not isinstance(arguments, dict):
-                raise ValueError(
-                    f"the parameters of tool {name!r} are not an object schema: {parameters!r}"
+                raise _RequestError(
+                    f"the parameters of tool {name!r} are not an object schema: {parameters!r}",
+                    where,
                 )
             return ChatReply(tool_calls=(ToolCall(name, arguments),))
     answer = text(request.prompt)
@@ -433,7 +455,11 @@ def default_reply(
         kind = response_format["type"]
         if kind == "json_schema":
             schema = response_format["json_schema"].get("schema", {})
-            return ChatReply(content=json.dumps(schema_example(schema, text=answer)))
+            try:
+                value = schema_example(schema, text=answer)
+            except ValueError as exc:
+                raise _RequestError(str(exc), "response_format.json_schema.schema") from None
+            return ChatReply(content=json.dumps(value))
         if kind == "json_object":
             return ChatReply(content=json.dumps({"reply": answer}))
     return ChatReply(content=answer)

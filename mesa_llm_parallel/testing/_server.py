@@ -56,6 +56,7 @@ import collections
 import contextlib
 import dataclasses
 import hashlib
+import inspect
 import itertools
 import json
 import logging
@@ -77,6 +78,8 @@ from mesa_llm_parallel.testing._replies import (
     ReplyValue,
     Responder,
     ToolCall,
+    _default_reply,
+    _RequestError,
     _text_of,
     as_reply,
     default_reply,
@@ -263,7 +266,9 @@ class ServerStats:
         requests: ``POST /v1/chat/completions`` requests received, whatever the outcome.
         completed: Chat-completion requests answered with 200.
         rate_limited: Chat-completion requests answered with 429 (over the quota).
-        errors: Chat-completion requests answered with another error (a bad body).
+        errors: Chat-completion requests answered with another error: 400 (an invalid
+            request) or 500 (a reply hook, reply function or latency that raised or
+            returned something unusable).
         other_requests: Requests to any other path or with another method.
         in_flight: Requests being served right now (holding a slot, waiting their latency).
         queued: Requests waiting for a slot right now (over ``max_concurrent``).
@@ -355,16 +360,21 @@ class LoopbackLLMServer:
             (default :func:`~mesa_llm_parallel.testing.deterministic_reply`): the
             content of text answers and the strings of JSON answers; requests that
             offer tools still get tool calls (see
-            :func:`~mesa_llm_parallel.testing.default_reply`).
+            :func:`~mesa_llm_parallel.testing.default_reply`). It may be an
+            ``async def`` function, which the server awaits.
         respond: ``respond(request) -> str | ToolCall | Sequence[ToolCall] | ChatReply``,
             the whole answer to each :class:`~mesa_llm_parallel.testing.ChatRequest`
             (every message, ``tools``, ``tool_choice``, ``response_format``...). It
             may call :func:`~mesa_llm_parallel.testing.default_reply` for the default.
             Give ``reply`` or ``respond``, not both. It runs on the server's event
-            loop: keep it quick, and make it thread-safe if it shares state. When it
-            raises, the client gets a 500 naming the exception (``"the reply hook
-            raised ValueError: ..."``) and the traceback is logged at ERROR on the
-            ``mesa_llm_parallel.testing`` logger.
+            loop, in the server's thread: a plain function blocks every other request
+            while it runs, so keep it quick; an ``async def`` one is awaited there, so
+            other requests are served while it awaits. Make it thread-safe if it
+            shares state. When it raises, whatever it raises (``pytest.fail``'s
+            ``Failed``, ``SystemExit`` and ``KeyboardInterrupt`` too), the client gets
+            a 500 naming the exception (``"the reply hook raised ValueError: ..."``),
+            the traceback is logged at ERROR on the ``mesa_llm_parallel.testing``
+            logger, and the server goes on serving.
         port: The port to listen on (default 0: a free port chosen by the system).
         idle_timeout: Seconds an idle keep-alive connection stays open.
 
@@ -385,7 +395,7 @@ class LoopbackLLMServer:
         rate_limit: int | None = None,
         seed: int = 0,
         model: str = DEFAULT_MODEL,
-        reply: Callable[[str], str] | None = None,
+        reply: Callable[[str], str | Awaitable[str]] | None = None,
         respond: Responder | None = None,
         port: int = 0,
         idle_timeout: float = 60.0,
@@ -664,11 +674,15 @@ class LoopbackLLMServer:
                 raise
             counters.move("queued", "in_flight", "peak_concurrency")
         try:
-            seconds = self._latency.seconds_for(list(request.messages))
+            seconds = await _call("the latency", self._latency.seconds_for, list(request.messages))
             if seconds:
                 await asyncio.sleep(seconds)
-            reply = self._respond(request)
-        except Exception as exc:  # a faulty latency, reply hook or schema
+            reply = await self._respond(request)
+        except _RequestError as exc:  # a schema the default reply cannot meet
+            counters.add("errors")
+            error = web.error_body(str(exc), "invalid_request_error", param=exc.param)
+            return 400, error, self._quota_headers()
+        except Exception as exc:  # a faulty latency or reply hook (logged by _call)
             counters.add("errors")
             return 500, web.error_body(str(exc), "server_error"), {}
         finally:
@@ -679,38 +693,73 @@ class LoopbackLLMServer:
         completion_id = f"chatcmpl-loopback-{next(self._ids)}"
         return 200, _completion(completion_id, request, reply), self._quota_headers()
 
-    def _respond(self, request: ChatRequest) -> ChatReply:
-        """The reply to a request: the hook's (checked) or the default one."""
-        if self._respond_hook is not None:
-            return as_reply(_call("the reply hook", self._respond_hook, request))
-        return default_reply(request, text=self._text)
+    async def _respond(self, request: ChatRequest) -> ChatReply:
+        """The reply to a request: the hook's (checked) or the default one.
 
-    def _text(self, prompt: str) -> str:
-        content = _call("the reply function", self._reply, prompt)
+        Raises:
+            _CallbackError: The hook or the reply function raised.
+            TypeError: The hook or the reply function returned something unusable.
+            _RequestError: The default reply needs a value of a schema that has none.
+        """
+        if self._respond_hook is not None:
+            return as_reply(await _call("the reply hook", self._respond_hook, request))
+        # The default reply uses the reply function's text of the prompt exactly once.
+        content = await _call("the reply function", self._reply, request.prompt)
         if not isinstance(content, str):
             raise TypeError(f"the reply function returned {content!r}, not a str")
-        return content
+        return _default_reply(request, lambda _prompt: content)
 
 
 class _CallbackError(Exception):
     """A user's callable raised; the message names it and the exception."""
 
 
-def _call[T](what: str, function: Callable[..., T], *args: Any) -> T:
-    """``function(*args)``; what it raises is logged and re-raised naming ``what``.
+async def _call(what: str, function: Callable[..., Any], *args: Any) -> Any:
+    """``function(*args)``, awaited if it returns an awaitable (an ``async def`` hook).
+
+    Whatever it raises is logged and re-raised naming ``what``: ``BaseException`` s
+    too, for it runs in the server's thread, where ``SystemExit``,
+    ``KeyboardInterrupt`` or pytest's ``Failed`` would otherwise stop the server's
+    loop or drop the connection. Only the cancellation of the request's own task (the
+    server stops, or the client went away) goes through as it is.
 
     Raises:
         _CallbackError: ``function`` raised; the message is ``"<what> raised
             <type>: <text>"`` and the traceback is logged at ERROR.
+        asyncio.CancelledError: The request's task was cancelled.
     """
     try:
-        return function(*args)
+        result = function(*args)
+        if inspect.isawaitable(result):
+            result = await result
     except _CallbackError:
         raise
-    except Exception as exc:
-        message = f"{what} raised {type(exc).__name__}: {exc}"
+    except BaseException as exc:
+        if isinstance(exc, asyncio.CancelledError) and _being_cancelled():
+            raise
+        message = f"{what} raised {_describe(exc)}"
         logger.exception("LoopbackLLMServer: %s; the client gets a 500", message)
         raise _CallbackError(message) from exc
+    return result
+
+
+def _being_cancelled() -> bool:
+    """Whether the running task has been asked to stop (its cancellation, not a hook's)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
+
+
+def _describe(exc: BaseException) -> str:
+    """``"<type>: <text>"`` of an exception, even when its ``__str__`` raises."""
+    name = type(exc).__name__
+    try:
+        text = str(exc)
+    except Exception:  # an unprintable exception is still reported
+        try:
+            text = repr(exc)
+        except Exception:
+            text = f"<unprintable {name} object>"
+    return f"{name}: {text}" if text else name
 
 
 def _param(exc: BaseException) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, Final
 
@@ -27,6 +28,8 @@ type Answer = tuple[int, Mapping[str, Any] | Sequence[Mapping[str, Any]], Mappin
 type Answerer = Callable[[str, str, bytes], Awaitable[Answer]]
 
 _SERVER: Final = "mesa-llm-parallel-loopback"
+
+_logger = logging.getLogger("mesa_llm_parallel.testing")
 
 
 def import_web() -> Any:
@@ -121,7 +124,15 @@ async def start(
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:  # a chunked body grew too large
             return too_large()
-        status, payload, headers = await answer(request.method, request.path, body)
+        try:
+            status, payload, headers = await answer(request.method, request.path, body)
+        except (Exception, asyncio.CancelledError):
+            raise  # aiohttp answers an Exception with 500; a cancellation ends the request
+        except BaseException as exc:  # SystemExit, KeyboardInterrupt...: never stop the loop
+            text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            message = f"the server failed to answer: {text}"
+            _logger.exception("LoopbackLLMServer: %s; the client gets a 500", message)
+            return _json(web, 500, error_body(message, "server_error"), {})
         if isinstance(payload, Mapping):
             return _json(web, status, payload, headers)
         response = web.StreamResponse(
