@@ -78,18 +78,20 @@ def test_the_panel_notebook_ends_live_and_its_kernel_still_exits_cleanly(jupyter
             # The run goes on after the last cell: steps keep being taken.
             probe = (
                 "import time\n"
-                "first = model.steps\n"
+                "steps = lambda: model.steps if hasattr(model, 'steps') else model.time  # Mesa 4\n"
+                "first = steps()\n"
                 "deadline = time.monotonic() + 60\n"
-                "while model.steps < first + 2 and time.monotonic() < deadline:\n"
+                "while steps() < first + 2 and time.monotonic() < deadline:\n"
                 "    time.sleep(0.05)\n"
-                "print(panel.running, model.steps >= first + 2)"
+                "print(panel.running, steps() >= first + 2)"
             )
             out: list[str] = []
-            client.execute_interactive(
+            reply = client.execute_interactive(
                 probe,
                 timeout=90,
                 output_hook=lambda m: out.append(m["content"].get("text", "")),
             )
+            assert reply["content"]["status"] == "ok", reply["content"]
             assert "".join(out).split() == ["True", "True"]
         finally:
             client.stop_channels()

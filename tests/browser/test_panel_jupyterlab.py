@@ -213,12 +213,13 @@ def drive_the_panel(page: Page, kernel: KernelDriver, shots: Path, cells: int) -
     pause(panel, kernel)
 
     # Step runs exactly one more step, then the panel is idle again.
-    steps_before = kernel.value("model.steps")
+    steps = "(model.steps if hasattr(model, 'steps') else int(model.time))"  # Mesa 4: time
+    steps_before = kernel.value(steps)
     panel.locator(".mlp-step").click()
-    kernel.wait_for("model.steps", expected=steps_before + 1, timeout=STEP_TIMEOUT)
+    kernel.wait_for(steps, expected=steps_before + 1, timeout=STEP_TIMEOUT)
     kernel.wait_for("panel.running", expected=False, timeout=STEP_TIMEOUT)
     expect(panel.locator(".mlp-run")).to_be_enabled()
-    assert kernel.value("model.steps") == steps_before + 1
+    assert kernel.value(steps) == steps_before + 1
     page.screenshot(path=shots / "end.png")
     panel.screenshot(path=shots / "panel.png")
     kernel.run("del _t_before, _t_mlp")
