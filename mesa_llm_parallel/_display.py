@@ -77,7 +77,8 @@ class StepTime(NamedTuple):
     """One step of a step-time history (a point of the chart).
 
     Attributes:
-        seconds: Wall time of the step, in seconds.
+        seconds: Wall time of the step, in seconds; NaN for a step known only by its
+            number (a sequential step that no front end timed).
         parallel: True for a parallel step (its figures come from its
             :class:`~mesa_llm_parallel.StepReport`), False for a sequential step
             (timed around ``model.step()``).
